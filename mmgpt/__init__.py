@@ -1,0 +1,10 @@
+"""mmgpt: small multimodal GPTs — a timm ViT, a projector and a causal decoder, trained with Lightning."""
+
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.model import MMGPT
+from mmgpt.pipeline import Pipeline, generate, load
+
+__all__ = [
+    "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "Pipeline", "generate", "load",
+]
+__version__ = "0.1.0"

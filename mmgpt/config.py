@@ -1,0 +1,138 @@
+"""Typed configuration for the vision tower, the projector, the decoder and the whole model.
+
+Plain dataclasses with no torch import, so a config can be read, printed and validated without loading a model
+(litgpt does the same). Derived fields are filled in ``__post_init__``. ``to_dict``/``from_dict`` and
+``save_yaml``/``from_yaml`` give a lossless round trip; unknown keys are an error that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    """Build dataclass ``cls`` from ``d``, naming the offending key when the dict does not fit."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; expected some of {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass
+class VisionConfig:
+    """The image encoder: any timm ViT, reached only through timm's public API."""
+
+    # Any timm model name; the default is the smallest standard ViT so a fresh install trains on a CPU.
+    name: str = "vit_tiny_patch16_224"
+    # Input resolution; overriding timm's default lets a ViT-Tiny run at 64 px on a laptop.
+    img_size: int = 64
+    # Patch size override (None keeps the model's own); 8 px patches at 64 px give an 8x8 grid.
+    patch_size: int | None = 8
+    # Extra keyword arguments for timm.create_model (depth, embed_dim, num_heads, ...).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Local timm checkpoint file (.safetensors/.pth); nothing is ever downloaded.
+    checkpoint_path: str | None = None
+    # Which block's output to use. -2 (penultimate) as LLaVA: the last block is tuned for the CLS head.
+    feature_layer: int = -2
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps patch features into the decoder's embedding space."""
+
+    # Pixel-shuffle factor r: merges r x r neighbouring patches into one token (r^2 fewer image tokens, as
+    # SmolVLM); 1 disables it.
+    pixel_shuffle: int = 1
+    # Hidden width of the 2-layer GELU MLP (LLaVA-1.5); None uses the decoder width.
+    hidden_dim: int | None = None
+
+
+@dataclass
+class DecoderConfig:
+    """A Llama-style causal decoder, in nanoGPT/litgpt names."""
+
+    # Set from the tokenizer at build time; 0 means "not set yet".
+    vocab_size: int = 0
+    # Longest sequence (image tokens + text); sizes the RoPE table and the KV cache.
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    # Grouped-query attention: query heads share n_query_groups key/value heads; None = n_head (plain MHA).
+    n_query_groups: int | None = None
+    n_embd: int = 128
+    # SwiGLU hidden width; None derives Llama's choice in __post_init__.
+    intermediate_size: int | None = None
+    # 10_000 is the RoPE base of Llama 1/2; long-context models raise it.
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    # Sharing input and output embeddings saves vocab_size * n_embd parameters, a large share of a tiny model.
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"decoder.n_embd={self.n_embd} must be divisible by decoder.n_head={self.n_head}")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(
+                f"decoder.n_head={self.n_head} must be divisible by decoder.n_query_groups={self.n_query_groups}"
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"decoder head size {self.n_embd // self.n_head} must be even for RoPE")
+        if self.intermediate_size is None:
+            # Llama keeps SwiGLU's parameter count equal to a 4x GELU MLP: 2/3 * 4 * n_embd, rounded to 16.
+            self.intermediate_size = 16 * -(-int(8 * self.n_embd / 3) // 16)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class MMGPTConfig:
+    """The whole model: vision tower -> projector -> decoder, plus the token id that marks image slots."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Id of the <image> placeholder in the tokenizer; set from the tokenizer when the model is built.
+    image_token_id: int = -1
+
+    def __post_init__(self) -> None:
+        # Accept plain dicts (from YAML or the CLI) for the sub-configs.
+        if isinstance(self.vision, dict):
+            self.vision = _from_dict(VisionConfig, self.vision, "vision")
+        if isinstance(self.projector, dict):
+            self.projector = _from_dict(ProjectorConfig, self.projector, "projector")
+        if isinstance(self.decoder, dict):
+            self.decoder = _from_dict(DecoderConfig, self.decoder, "decoder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MMGPTConfig:
+        return _from_dict(cls, dict(d), "config")
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MMGPTConfig:
+        try:
+            d = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+        return _from_dict(cls, d, str(path))
+
+    def replace(self, **changes: Any) -> MMGPTConfig:
+        return dataclasses.replace(self, **changes)

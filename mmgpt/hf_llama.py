@@ -1,0 +1,95 @@
+"""Conversion between mmgpt's native decoder and HF transformers Llama-family checkpoints.
+
+mmgpt fuses q/k/v and gate/up into single matmuls; HF keeps them apart. Both use the "rotate half" RoPE
+layout, so weights move across by concatenation/splitting only — no permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmgpt.config import DecoderConfig
+
+
+def to_hf_llama_config(config: DecoderConfig, **extra):
+    """A ``transformers.LlamaConfig`` with the same architecture as ``config``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_query_groups,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_base,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        **extra,
+    )
+
+
+def from_hf_llama_config(hf_config) -> DecoderConfig:
+    """The native ``DecoderConfig`` for a ``transformers.LlamaConfig`` (or a compatible Llama-family config)."""
+    rope_theta = getattr(hf_config, "rope_theta", None)
+    if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
+        rope_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10_000.0)
+    return DecoderConfig(
+        vocab_size=hf_config.vocab_size,
+        block_size=hf_config.max_position_embeddings,
+        n_layer=hf_config.num_hidden_layers,
+        n_head=hf_config.num_attention_heads,
+        n_query_groups=hf_config.num_key_value_heads,
+        n_embd=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        rope_base=float(rope_theta),
+        norm_eps=hf_config.rms_norm_eps,
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Native decoder state dict (keys relative to the decoder) -> ``LlamaForCausalLM`` state dict."""
+    hs = config.head_size
+    q_dim, kv_dim = config.n_head * hs, config.n_query_groups * hs
+    out = {"model.embed_tokens.weight": state_dict["wte.weight"], "model.norm.weight": state_dict["ln_f.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state_dict["lm_head.weight"]
+    for i in range(config.n_layer):
+        p, hf = f"h.{i}.", f"model.layers.{i}."
+        q, k, v = state_dict[p + "attn.qkv.weight"].split((q_dim, kv_dim, kv_dim), dim=0)
+        gate, up = state_dict[p + "mlp.fc.weight"].chunk(2, dim=0)
+        out.update({
+            hf + "input_layernorm.weight": state_dict[p + "norm_1.weight"],
+            hf + "post_attention_layernorm.weight": state_dict[p + "norm_2.weight"],
+            hf + "self_attn.q_proj.weight": q,
+            hf + "self_attn.k_proj.weight": k,
+            hf + "self_attn.v_proj.weight": v,
+            hf + "self_attn.o_proj.weight": state_dict[p + "attn.proj.weight"],
+            hf + "mlp.gate_proj.weight": gate,
+            hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": state_dict[p + "mlp.proj.weight"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_llama_state_dict(hf: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
+    """``LlamaForCausalLM`` state dict -> native decoder state dict (keys relative to the decoder)."""
+    out = {"wte.weight": hf["model.embed_tokens.weight"], "ln_f.weight": hf["model.norm.weight"]}
+    out["lm_head.weight"] = hf["model.embed_tokens.weight"] if config.tie_embeddings else hf["lm_head.weight"]
+    for i in range(config.n_layer):
+        p, h = f"h.{i}.", f"model.layers.{i}."
+        out.update({
+            p + "norm_1.weight": hf[h + "input_layernorm.weight"],
+            p + "norm_2.weight": hf[h + "post_attention_layernorm.weight"],
+            p + "attn.qkv.weight": torch.cat(
+                [hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"]]
+            ),
+            p + "attn.proj.weight": hf[h + "self_attn.o_proj.weight"],
+            p + "mlp.fc.weight": torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
+            p + "mlp.proj.weight": hf[h + "mlp.down_proj.weight"],
+        })
+    return out

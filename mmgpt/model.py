@@ -1,0 +1,89 @@
+"""MMGPT: image -> vision tower -> projector -> spliced into the token embeddings -> decoder -> logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmgpt.config import MMGPTConfig
+from mmgpt.decoder import Decoder
+from mmgpt.projector import Projector
+from mmgpt.vision import VisionTower
+
+
+class MMGPT(nn.Module):
+    """A multimodal GPT.
+
+    A prompt holds ``image_seq_len`` ``<image>`` placeholder tokens per image; their embeddings are overwritten
+    by the projected patch tokens of that image (images in order of appearance, across the batch). A sequence
+    with no placeholder is plain text, and a batch may mix both.
+    """
+
+    def __init__(self, config: MMGPTConfig) -> None:
+        super().__init__()
+        if config.image_token_id < 0:
+            raise ValueError("config.image_token_id is not set: take it from the tokenizer (the id of '<image>')")
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.decoder = Decoder(config.decoder)
+        self.projector = Projector(
+            config.projector, self.vision.embed_dim, self.vision.grid_size, config.decoder.n_embd
+        )
+
+    @property
+    def image_seq_len(self) -> int:
+        """Number of ``<image>`` placeholders one image takes in a prompt."""
+        return self.projector.num_tokens
+
+    @property
+    def processor(self):
+        return self.vision.processor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, 3, H, W)`` -> embeddings ``(N, image_seq_len, n_embd)`` ready to splice."""
+        return self.projector(self.vision(images))
+
+    def embed(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by projected image tokens.
+
+        Args:
+            input_ids: ``(B, T)``.
+            images: ``(N, 3, H, W)``: one per placeholder run, in the order they appear in the batch.
+            image_embeds: ``(N, image_seq_len, n_embd)`` from ``encode_images``, instead of ``images``.
+
+        Returns:
+            ``(B, T, n_embd)``.
+        """
+        x = self.decoder.wte(input_ids)  # (B, T, C)
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        found = int(is_image.sum())
+        if image_embeds is None and images is not None:
+            image_embeds = self.encode_images(images)
+        n_images = 0 if image_embeds is None else image_embeds.size(0)
+        expected = n_images * self.image_seq_len
+        if found != expected:
+            raise ValueError(
+                f"the input has {found} <image> tokens but {n_images} image(s) x {self.image_seq_len} tokens each "
+                f"= {expected} were expected; render prompts with image_seq_len={self.image_seq_len} per image"
+            )
+        if n_images:
+            # Boolean-mask assignment fills placeholders in row-major order: image i lands in the i-th run.
+            x = x.clone()
+            x[is_image] = image_embeds.reshape(-1, x.size(-1)).to(x.dtype)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        *,
+        image_embeds: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments."""
+        x = self.embed(input_ids, images, image_embeds)
+        return self.decoder(inputs_embeds=x, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)

@@ -1,0 +1,53 @@
+"""Maps vision patch tokens into the decoder's embedding space."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmgpt.config import ProjectorConfig
+
+
+def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
+    """Merge each r x r block of neighbouring patches into one token (space-to-depth), as SmolVLM/nanoVLM.
+
+    Args:
+        x: patch tokens ``(B, H*W, C)`` in row-major grid order.
+        grid: ``(H, W)`` of the patch grid.
+        r: merge factor; H and W must be divisible by it.
+
+    Returns:
+        ``(B, (H/r) * (W/r), C * r * r)``: r^2 fewer tokens, each r^2 times wider.
+    """
+    B, N, C = x.shape
+    H, W = grid
+    x = x.view(B, H // r, r, W // r, r, C)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, H/r, W/r, r, r, C): the r x r neighbours sit together
+    return x.reshape(B, (H // r) * (W // r), r * r * C)
+
+
+class Projector(nn.Module):
+    """Optional pixel shuffle, then LLaVA-1.5's 2-layer GELU MLP."""
+
+    def __init__(self, config: ProjectorConfig, vision_dim: int, grid_size: tuple[int, int], out_dim: int) -> None:
+        super().__init__()
+        r = config.pixel_shuffle
+        if r < 1:
+            raise ValueError(f"projector.pixel_shuffle must be >= 1, got {r}")
+        if grid_size[0] % r or grid_size[1] % r:
+            raise ValueError(
+                f"projector.pixel_shuffle={r} does not divide the vision patch grid {grid_size[0]}x{grid_size[1]}; "
+                f"choose a factor of both sides, or change vision.img_size / vision.patch_size"
+            )
+        self.config, self.grid_size = config, grid_size
+        self.num_tokens = (grid_size[0] // r) * (grid_size[1] // r)
+        hidden = config.hidden_dim or out_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(vision_dim * r * r, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H*W, vision_dim)
+        if self.config.pixel_shuffle > 1:
+            x = pixel_shuffle(x, self.grid_size, self.config.pixel_shuffle)
+        return self.mlp(x)  # (B, num_tokens, out_dim)
