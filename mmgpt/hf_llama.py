@@ -85,9 +85,7 @@ def from_hf_llama_state_dict(hf: dict[str, torch.Tensor], config: DecoderConfig)
         out.update({
             p + "norm_1.weight": hf[h + "input_layernorm.weight"],
             p + "norm_2.weight": hf[h + "post_attention_layernorm.weight"],
-            p + "attn.qkv.weight": torch.cat(
-                [hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"]]
-            ),
+            p + "attn.qkv.weight": torch.cat([hf[h + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
             p + "attn.proj.weight": hf[h + "self_attn.o_proj.weight"],
             p + "mlp.fc.weight": torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
             p + "mlp.proj.weight": hf[h + "mlp.down_proj.weight"],

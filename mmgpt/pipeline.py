@@ -27,7 +27,7 @@ from mmgpt.tokenizer import ASSETS, load_tokenizer, tokenizer_from_json
 DEFAULT_MODEL = ASSETS / "default_model"
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 # Key under which a Lightning checkpoint carries the tokenizer, so that a .ckpt alone is enough to load.
-CKPT_TOKENIZER_KEY = "mmgpt_tokenizer"
+CKPT_TOKENIZER_KEY, CKPT_CONFIG_KEY = "mmgpt_tokenizer", "mmgpt_config"
 
 
 class Pipeline:
@@ -138,10 +138,9 @@ def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrai
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read safely"
         raise ValueError(f"{path}: cannot read as a Lightning checkpoint with weights_only=True ({e})") from e
-    hparams = ckpt.get("hyper_parameters", {})
-    if "model" not in hparams or CKPT_TOKENIZER_KEY not in ckpt:
+    if not isinstance(ckpt, dict) or CKPT_CONFIG_KEY not in ckpt or CKPT_TOKENIZER_KEY not in ckpt:
         raise ValueError(f"{path}: not an mmgpt training checkpoint (no model config or tokenizer inside)")
-    config = MMGPTConfig.from_dict(hparams["model"])
+    config = MMGPTConfig.from_dict(ckpt[CKPT_CONFIG_KEY])
     model = MMGPT(config)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

@@ -41,7 +41,8 @@ class VisionTower(nn.Module):
             )
         except RuntimeError as e:
             if config.checkpoint_path:
-                raise ValueError(f"vision.checkpoint_path={config.checkpoint_path} does not fit {config.name}: {e}") from e
+                msg = f"vision.checkpoint_path={config.checkpoint_path} does not fit {config.name}: {e}"
+                raise ValueError(msg) from e
             raise
         num_blocks = len(getattr(self.model, "blocks", None) or getattr(self.model, "stages", None) or [])
         layer = config.feature_layer

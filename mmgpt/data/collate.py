@@ -1,0 +1,96 @@
+"""Turns a list of ``Sample`` into tensors: token ids, labels, attention mask and stacked images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from mmgpt.data.sample import Sample
+from mmgpt.image_processor import ImageProcessor
+from mmgpt.prompts import render_prompt, render_target
+
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and padding positions
+
+
+class Collator:
+    """Tokenize and pad a batch.
+
+    In ``"train"`` mode a row is ``prompt + target + eos``, right-padded, with ``labels`` equal to the ids on
+    the target and ``IGNORE_INDEX`` elsewhere (labels are *not* shifted; the loss shifts). In ``"generate"``
+    mode a row is the prompt alone, left-padded, so that generation continues every row from the same slot.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        processor: turns each image into a ``(3, H, W)`` tensor.
+        image_seq_len: ``<image>`` placeholders per image (the model's ``image_seq_len``).
+        max_length: longest row in tokens; longer rows are truncated on the right.
+        mode: ``"train"`` or ``"generate"``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        processor: ImageProcessor,
+        image_seq_len: int,
+        max_length: int = 256,
+        mode: Literal["train", "generate"] = "train",
+    ) -> None:
+        self.tokenizer, self.processor = tokenizer, processor
+        self.image_seq_len, self.max_length, self.mode = image_seq_len, max_length, mode
+        self.pad_id = tokenizer.pad_token_id
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _row(self, s: Sample) -> tuple[list[int], list[int]]:
+        prompt = self._encode(render_prompt(s.prompt, int(s.image is not None), self.image_seq_len))
+        if len(prompt) > self.max_length or (self.mode == "train" and len(prompt) >= self.max_length):
+            raise ValueError(
+                f"sample {s.id!r}: the prompt alone is {len(prompt)} tokens (images included), which leaves no "
+                f"room for an answer within max_length={self.max_length}; raise data.max_length or shorten it"
+            )
+        if self.mode == "generate":
+            return prompt, []
+        target = self._encode(render_target(s.target))
+        ids = (prompt + target)[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + target)[: self.max_length]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            # Position 0 is never predicted (the loss shifts), so a lone label there counts for nothing either.
+            raise ValueError(
+                f"sample {s.id!r} has no supervised tokens left after truncation to max_length={self.max_length} "
+                f"(prompt {len(prompt)} tokens, target {len(target)}); it would train on a zero loss"
+            )
+        return ids, labels
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        rows = [self._row(s) for s in samples]
+        T = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            n = len(ids)
+            # Training pads on the right (causal attention never looks ahead into it); generation on the left.
+            sl = slice(0, n) if self.mode == "train" else slice(T - n, T)
+            input_ids[i, sl] = torch.tensor(ids)
+            attention_mask[i, sl] = 1
+            if lab:
+                labels[i, sl] = torch.tensor(lab)
+        pixels = [self.processor(s.image) for s in samples if s.image is not None]
+        batch = {
+            "input_ids": input_ids,  # (B, T)
+            "attention_mask": attention_mask,  # (B, T)
+            "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W): one per image, in row order
+            "ids": [s.id for s in samples],
+            "tasks": [s.task for s in samples],
+        }
+        if self.mode == "train":
+            batch["labels"] = labels  # (B, T)
+        else:
+            batch["answers"] = [s.answers for s in samples]
+            batch["qtypes"] = [s.qtype for s in samples]
+            batch["prompts"] = [s.prompt for s in samples]
+        return batch

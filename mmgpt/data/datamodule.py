@@ -1,0 +1,143 @@
+"""``MMGPTDataModule``: the built-in shapes data or real data on disk, as Lightning dataloaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from mmgpt.data.collate import Collator
+from mmgpt.data.shapes import ShapesConfig, ShapesDataset
+from mmgpt.data.sources import CocoCaptions, Mixture, TextFile, VQAJsonl
+from mmgpt.image_processor import ImageProcessor
+from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+
+@dataclass
+class DataSource:
+    """One source of samples for a split.
+
+    ``kind="shapes"`` needs nothing else (``size`` scenes of the split, generated on the fly); ``"coco"`` needs
+    ``path`` (annotations JSON) and ``images`` (folder); ``"vqa"`` needs ``path`` (JSONL) and optionally
+    ``images`` (root for relative image paths); ``"text"`` needs ``path`` (.txt or .jsonl).
+    """
+
+    kind: Literal["shapes", "coco", "vqa", "text"] = "shapes"
+    path: str | None = None
+    images: str | None = None
+    # Relative sampling weight in a mixture of several sources.
+    weight: float = 1.0
+    # shapes: number of scenes (each gives several samples).
+    size: int = 1000
+
+    def build(self, split: str, shapes: ShapesConfig) -> Dataset:
+        if self.kind == "shapes":
+            return ShapesDataset(split, self.size, shapes)
+        if self.path is None:
+            raise ValueError(f"data source kind={self.kind!r} needs a path")
+        if self.kind == "coco":
+            if self.images is None:
+                raise ValueError(f"data source kind='coco' ({self.path}) needs images: the image folder")
+            return CocoCaptions(self.path, self.images)
+        if self.kind == "vqa":
+            return VQAJsonl(self.path, image_root=self.images)
+        return TextFile(self.path)
+
+
+def _default_train() -> list[DataSource]:
+    return [DataSource("shapes", size=4000)]
+
+
+def _default_eval() -> list[DataSource]:
+    return [DataSource("shapes", size=100)]
+
+
+class MMGPTDataModule(L.LightningDataModule):
+    """Data for ``MMGPTModule``.
+
+    Args:
+        tokenizer: tokenizer directory; linked to ``model.tokenizer`` by the CLI so both always agree.
+        train, val, test: the sources of each split; several sources are mixed by their weights.
+        shapes: the procedural shape world (used by ``kind: shapes`` sources).
+        batch_size: samples per batch (per device).
+        max_length: longest sequence in tokens, image placeholders included.
+        num_workers: dataloader worker processes; 0 loads in the main process.
+        mixture_length: samples per epoch of a weighted mixture (default: the sources' total length).
+        seed: seeds the mixture's draws.
+        processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = str(DEFAULT_TOKENIZER),
+        train: list[DataSource] | None = None,
+        val: list[DataSource] | None = None,
+        test: list[DataSource] | None = None,
+        shapes: ShapesConfig | None = None,
+        batch_size: int = 32,
+        max_length: int = 256,
+        num_workers: int = 0,
+        mixture_length: int | None = None,
+        seed: int = 0,
+        processor: ImageProcessor | None = None,
+        image_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_path = tokenizer
+        self.sources = {
+            "train": train if train is not None else _default_train(),
+            "val": val if val is not None else _default_eval(),
+            "test": test if test is not None else _default_eval(),
+        }
+        self.shapes = shapes or ShapesConfig()
+        self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
+        self.mixture_length, self.seed = mixture_length, seed
+        self.processor, self.image_seq_len = processor, image_seq_len
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.datasets: dict[str, Dataset] = {}
+
+    def dataset(self, split: str) -> Dataset:
+        """The (cached) dataset of a split, mixing its sources by weight when there are several."""
+        if split not in self.datasets:
+            sources = self.sources[split]
+            if not sources:
+                raise ValueError(f"data.{split} has no sources")
+            parts = [s.build(split, self.shapes) for s in sources]
+            if len(parts) == 1:
+                self.datasets[split] = parts[0]
+            elif split == "train":
+                length = self.mixture_length or sum(len(p) for p in parts)
+                self.datasets[split] = Mixture(parts, [s.weight for s in sources], length, self.seed)
+            else:
+                # Evaluation sees every sample of every source exactly once: weights are for training draws.
+                self.datasets[split] = ConcatDataset(parts)
+        return self.datasets[split]
+
+    def collator(self, mode: Literal["train", "generate"] = "train") -> Collator:
+        if self.processor is None or self.image_seq_len is None:
+            raise RuntimeError(
+                "MMGPTDataModule needs the model's image processor and image_seq_len; the CLI links them "
+                "from the model — in Python pass processor=model.processor, image_seq_len=model.image_seq_len"
+            )
+        return Collator(self.tokenizer, self.processor, self.image_seq_len, self.max_length, mode)
+
+    def _loader(self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train") -> DataLoader:
+        return DataLoader(
+            self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=self.collator(mode), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        # Prediction generates answers for the test split from prompts alone.
+        return self._loader("test", shuffle=False, mode="generate")

@@ -1,0 +1,343 @@
+"""Loaders for real data on disk (COCO captions, VQA as JSONL, plain text) and a weighted mixture of sources.
+
+Every loader yields ``Sample``s and fails early and readably: a bad record is reported with its file, its
+line (or index) and what was expected, never as a bare ``KeyError`` from deep inside json or PIL.
+Images are opened lazily in ``__getitem__``, so building a dataset only reads the annotation file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmgpt.data.sample import Sample
+from mmgpt.prompts import CAPTION_PROMPT
+
+# The instruction for raw text (a .txt line or a {"text": ...} record): the whole text is the target, so
+# every token of it is supervised, and the fixed prompt tells the model to write free text.
+TEXT_PROMPT = "Continue the text."
+
+
+def load_image(path: Path, sample_id: str) -> Image.Image:
+    """Open an image as RGB, with the sample named in any error.
+
+    Args:
+        path: the image file.
+        sample_id: the sample it belongs to, for the error message.
+
+    Returns:
+        The decoded image in RGB (grayscale, palette and RGBA images are converted).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path} (sample {sample_id})")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes, so the file can be closed right after
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path} (sample {sample_id}): {e}") from e
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; line numbers count from 1."""
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) are not records
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append((lineno, record))
+    return records
+
+
+def _string(record: dict[str, Any], key: str, where: str, expected: str) -> str:
+    """``record[key]`` if it is a non-empty string, else an error naming the place and what was expected."""
+    if key not in record:
+        raise ValueError(f"{where}: missing field {key!r} (expected {expected})")
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+class CocoCaptions(torch.utils.data.Dataset):
+    """COCO-style captions: one sample per caption, every caption of its image as reference answers.
+
+    The annotation file holds ``{"images": [{"id", "file_name"}, ...], "annotations": [{"image_id",
+    "caption"}, ...]}`` (the layout of ``captions_train2017.json``). Sample ids are ``coco/{image_id}/{k}``
+    with ``k`` the caption's position among its image's captions.
+
+    Args:
+        annotations: the annotation JSON file.
+        images: the folder that ``file_name`` is relative to.
+        prompt: the user's instruction for every sample.
+    """
+
+    def __init__(self, annotations: str | Path, images: str | Path, prompt: str = CAPTION_PROMPT) -> None:
+        self.annotations, self.images, self.prompt = Path(annotations), Path(images), prompt
+        data = _read_json(self.annotations)
+        expected = "'images': [{'id', 'file_name'}] and 'annotations': [{'image_id', 'caption'}]"
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) for k in ("images", "annotations")
+        ):
+            raise ValueError(f"{self.annotations}: expected a JSON object with {expected}")
+
+        files: dict[Any, str] = {}
+        for i, image in enumerate(data["images"]):
+            where = f"{self.annotations} images[{i}]"
+            if not isinstance(image, dict) or "id" not in image:
+                raise ValueError(f"{where}: missing field 'id' (expected {{'id', 'file_name'}})")
+            files[image["id"]] = _string(image, "file_name", where, "{'id', 'file_name'}")
+
+        captions: dict[Any, list[str]] = defaultdict(list)
+        for i, ann in enumerate(data["annotations"]):
+            where = f"{self.annotations} annotations[{i}]"
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise ValueError(f"{where}: missing field 'image_id' (expected {{'image_id', 'caption'}})")
+            if ann["image_id"] not in files:
+                raise ValueError(f"{where}: image_id {ann['image_id']!r} is not listed in 'images'")
+            # COCO captions carry stray spaces and newlines; the target should not.
+            captions[ann["image_id"]].append(
+                " ".join(_string(ann, "caption", where, "{'image_id', 'caption'}").split())
+            )
+
+        # (image id, caption index): flat and small, so __getitem__ is a lookup.
+        self.captions = dict(captions)
+        self.files = files
+        self.index = [(image_id, k) for image_id, caps in self.captions.items() for k in range(len(caps))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        image_id, k = self.index[i]
+        sid = f"coco/{image_id}/{k}"
+        caps = self.captions[image_id]
+        image = load_image(self.images / self.files[image_id], sid)
+        return Sample(
+            prompt=self.prompt, target=caps[k], image=image, task="caption", id=sid, answers=list(caps)
+        )
+
+
+class VQAJsonl(torch.utils.data.Dataset):
+    """Visual question answering from a JSONL file, one question per line.
+
+    Each line is ``{"image": path, "question": str, "answer": str}`` or, with several annotator answers,
+    ``"answers": [str, ...]``: the target is the most common one (ties go to the first), and all of them,
+    duplicates kept, are the references for the VQA soft score. An optional ``"question_type"`` becomes
+    ``Sample.qtype`` and an optional ``"id"`` the sample id (default ``{file stem}/{line}``).
+
+    Args:
+        path: the JSONL file.
+        image_root: the folder image paths are relative to; default the JSONL file's folder.
+    """
+
+    EXPECTED = "'image', 'question' and 'answer' or 'answers'"
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.records: list[dict[str, Any]] = []
+        for lineno, record in _read_jsonl(self.path):
+            where = f"{self.path} line {lineno}"
+            image = _string(record, "image", where, self.EXPECTED)
+            question = _string(record, "question", where, self.EXPECTED)
+            if "answers" in record:
+                answers = record["answers"]
+                if (
+                    not isinstance(answers, list)
+                    or not answers
+                    or not all(isinstance(a, str) for a in answers)
+                ):
+                    raise ValueError(
+                        f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}"
+                    )
+            elif "answer" in record:
+                answers = [_string(record, "answer", where, self.EXPECTED)]
+            else:
+                raise ValueError(f"{where}: missing field 'answer' or 'answers' (expected {self.EXPECTED})")
+            self.records.append(
+                {
+                    "image": image,
+                    "question": question,
+                    # Counter.most_common is stable, so ties keep the order in which annotators answered.
+                    "target": Counter(answers).most_common(1)[0][0],
+                    "answers": list(answers),
+                    "qtype": str(record.get("question_type", "")),
+                    "id": str(record.get("id", f"{self.path.stem}/{lineno}")),
+                    "where": where,
+                }
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        r = self.records[i]
+        image = load_image(self.image_root / r["image"], f"{r['id']}, {r['where']}")
+        return Sample(
+            prompt=r["question"],
+            target=r["target"],
+            image=image,
+            task="vqa",
+            id=r["id"],
+            answers=list(r["answers"]),
+            qtype=r["qtype"],
+        )
+
+
+class TextFile(torch.utils.data.Dataset):
+    """Text-only samples from a ``.txt`` or ``.jsonl`` file.
+
+    - ``.jsonl``: each line is ``{"prompt": str, "completion": str}`` (an instruction and its answer) or
+      ``{"text": str}`` (raw text).
+    - ``.txt``: each non-empty line (``unit="line"``) or each blank-line separated paragraph
+      (``unit="paragraph"``) is raw text.
+
+    Raw text becomes ``prompt=TEXT_PROMPT`` ("Continue the text.") with the whole text as the target: the
+    loss covers every token, which is what plain language modelling needs, and the fixed prompt keeps the
+    chat template unchanged. Sample ids are ``{file stem}/{line}`` (the first line, for a paragraph).
+
+    Args:
+        path: the ``.txt`` or ``.jsonl`` file.
+        unit: how a ``.txt`` file is cut into samples.
+        prompt: the instruction for raw text.
+    """
+
+    EXPECTED = "{'prompt': str, 'completion': str} or {'text': str}"
+
+    def __init__(
+        self, path: str | Path, unit: Literal["line", "paragraph"] = "line", prompt: str = TEXT_PROMPT
+    ) -> None:
+        self.path = Path(path)
+        if unit not in ("line", "paragraph"):
+            raise ValueError(f"TextFile: unit={unit!r}; expected 'line' or 'paragraph'")
+        self.items: list[tuple[int, str, str]] = []  # (line number, prompt, target)
+        if self.path.suffix == ".jsonl":
+            for lineno, record in _read_jsonl(self.path):
+                where = f"{self.path} line {lineno}"
+                if "text" in record:
+                    self.items.append((lineno, prompt, _string(record, "text", where, self.EXPECTED)))
+                elif "prompt" in record or "completion" in record:
+                    self.items.append(
+                        (
+                            lineno,
+                            _string(record, "prompt", where, self.EXPECTED),
+                            _string(record, "completion", where, self.EXPECTED),
+                        )
+                    )
+                else:
+                    raise ValueError(f"{where}: no field 'text' or 'prompt' (expected {self.EXPECTED})")
+        elif self.path.suffix == ".txt":
+            if not self.path.is_file():
+                raise FileNotFoundError(f"text file not found: {self.path}")
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            start, block = 0, []  # the paragraph being gathered and its first line number
+            for lineno, line in enumerate([*lines, ""], start=1):  # a final "" flushes the last paragraph
+                if line.strip() and unit == "line":
+                    self.items.append((lineno, prompt, line.strip()))
+                elif line.strip():
+                    start, block = start or lineno, [*block, line.strip()]
+                elif block:
+                    self.items.append((start, prompt, " ".join(block)))
+                    start, block = 0, []
+        else:
+            raise ValueError(
+                f"{self.path}: unsupported text file type {self.path.suffix!r}; expected .txt or .jsonl"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        lineno, prompt, target = self.items[i]
+        return Sample(prompt=prompt, target=target, image=None, task="text", id=f"{self.path.stem}/{lineno}")
+
+
+class Mixture(torch.utils.data.Dataset):
+    """A weighted mixture of datasets with a fixed, seeded order.
+
+    Index ``i`` maps to ``(source, item)`` through a table drawn once from ``seed``: each index picks a
+    source with probability proportional to its weight, and each source hands out its items as a
+    sequence of random permutations, so no item repeats before all of that source's items were used.
+    The same arguments give the same table in any process.
+
+    Args:
+        datasets: the sources.
+        weights: one non-negative weight per source, not all zero (they need not sum to one).
+        length: the mixture's length.
+        seed: the seed of the table.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[torch.utils.data.Dataset],
+        weights: Sequence[float],
+        length: int,
+        seed: int = 0,
+    ) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(
+                f"Mixture: need one weight per dataset; got {len(datasets)} datasets and "
+                f"{len(weights)} weights"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"Mixture: weights must be finite, non-negative and not all zero; got {list(weights)}"
+            )
+        if length < 0:
+            raise ValueError(f"Mixture: length must be >= 0, got {length}")
+        for k, (ds, w) in enumerate(zip(datasets, weights, strict=True)):
+            if w > 0 and len(ds) == 0:
+                raise ValueError(f"Mixture: dataset {k} ({type(ds).__name__}) is empty but has weight {w}")
+        self.datasets, self.weights, self.length, self.seed = list(datasets), list(weights), length, seed
+
+        # The stdlib generator's choices/sample are stable across Python versions for an int seed.
+        rng = random.Random(seed)
+        self.sources = rng.choices(range(len(datasets)), weights=weights, k=length)
+        needed = Counter(self.sources)
+        queues: dict[int, list[int]] = {}
+        for k, n in needed.items():
+            size, queue = len(datasets[k]), []
+            while len(queue) < n:  # one shuffled pass of the source per loop
+                queue += rng.sample(range(size), min(size, n - len(queue)))
+            queues[k] = queue
+        cursor = Counter()
+        self.items = []
+        for k in self.sources:
+            self.items.append(queues[k][cursor[k]])
+            cursor[k] += 1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """``(source index, item index)`` behind mixture index ``i``."""
+        return self.sources[i], self.items[i]
+
+    def __getitem__(self, i: int) -> Any:
+        k, j = self.locate(i)
+        return self.datasets[k][j]

@@ -1,0 +1,194 @@
+"""``MMGPTModule``: the training system around ``MMGPT`` — loss, logging, optimizer groups, schedule, freezing.
+
+The model knows nothing of Lightning; this module knows nothing of the model's tensor internals beyond
+``forward`` returning logits and the three named components ``vision``, ``projector``, ``decoder``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.data.collate import IGNORE_INDEX
+from mmgpt.generation import generate
+from mmgpt.model import MMGPT
+from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY
+from mmgpt.prompts import IMAGE
+from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_from_json
+
+COMPONENTS = ("vision", "projector", "decoder")
+# Parameters that are embeddings in all but module type (timm's position embeddings and prefix tokens):
+# like nn.Embedding weights, they get no weight decay.
+_EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
+
+
+def _as(cls, value):
+    # The CLI gives dataclasses; a checkpoint's hparams give dicts (so it loads with weights_only=True).
+    return cls(**value) if isinstance(value, dict) else (value if value is not None else cls())
+
+
+class MMGPTModule(L.LightningModule):
+    """Trains an ``MMGPT``.
+
+    Args:
+        vision, projector, decoder: the model's components (``decoder.vocab_size`` comes from the tokenizer).
+        tokenizer: tokenizer directory; the CLI links it from ``data.tokenizer``.
+        lr: peak learning rate of every component without its own.
+        vision_lr, projector_lr, decoder_lr: per-component peak learning rates (None: ``lr``).
+        weight_decay: AdamW decay for matrices; norms, biases and embeddings get none.
+        betas: AdamW betas; 0.95 as in GPT-3/Llama, steadier than 0.999 for short runs.
+        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+        min_lr_ratio: floor of the cosine schedule, as a fraction of the peak.
+        freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed.
+        max_new_tokens: answer length for ``predict``.
+    """
+
+    def __init__(
+        self,
+        vision: VisionConfig | None = None,
+        projector: ProjectorConfig | None = None,
+        decoder: DecoderConfig | None = None,
+        tokenizer: str = str(DEFAULT_TOKENIZER),
+        lr: float = 1e-3,
+        vision_lr: float | None = None,
+        projector_lr: float | None = None,
+        decoder_lr: float | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
+        freeze_decoder: bool = False,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        vision, projector = _as(VisionConfig, vision), _as(ProjectorConfig, projector)
+        decoder = _as(DecoderConfig, decoder)
+        self.save_hyperparameters(ignore=["vision", "projector", "decoder"])
+        # Plain dicts in hparams keep the checkpoint loadable with torch.load(weights_only=True).
+        self.hparams.update(vision=asdict(vision), projector=asdict(projector), decoder=asdict(decoder))
+        self.tokenizer = load_tokenizer(tokenizer)
+        decoder = DecoderConfig(**{**asdict(decoder), "vocab_size": len(self.tokenizer)})
+        config = MMGPTConfig(vision, projector, decoder, image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE))
+        self.model = MMGPT(config)
+        self.frozen = {"vision": freeze_vision, "projector": freeze_projector, "decoder": freeze_decoder}
+        for name in COMPONENTS:
+            if self.frozen[name]:
+                getattr(self.model, name).requires_grad_(False)
+        self.val_loss = MeanMetric()
+
+    # Exposed for the CLI, which links them into the datamodule so images are processed as this model expects.
+    @property
+    def processor(self):
+        return self.model.processor
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.model.image_seq_len
+
+    def forward(self, input_ids, images=None, **kwargs):
+        return self.model(input_ids, images, **kwargs)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy over supervised tokens, and their count."""
+        logits = self.model(batch["input_ids"], batch["images"])  # (B, T, V)
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        n_tokens = (labels != IGNORE_INDEX).sum()
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+        return loss, n_tokens
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n_tokens = self.loss(batch)
+        bs = batch["input_ids"].size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n_tokens = self.loss(batch)
+        # Weight by supervised tokens: a mean of per-batch means would over-weight short answers.
+        self.val_loss.update(loss, n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", loss.exp(), prog_bar=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n_tokens = self.loss(batch)
+        self.val_loss.update(loss, n_tokens)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", loss.exp())
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        new = generate(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["images"],
+            max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [
+            {"id": i, "prompt": p, "prediction": t.strip(), "answers": a}
+            for i, p, t, a in zip(batch["ids"], batch["prompts"], texts, batch["answers"], strict=True)
+        ]
+
+    def _param_groups(self) -> list[dict]:
+        groups = []
+        for name in COMPONENTS:
+            if self.frozen[name]:
+                continue
+            component = getattr(self.model, name)
+            lr = getattr(self.hparams, f"{name}_lr") or self.hparams.lr
+            embedding_params = {
+                id(m.weight) for m in component.modules() if isinstance(m, torch.nn.Embedding)
+            }
+            decay, no_decay = [], []
+            for pname, p in component.named_parameters():
+                if not p.requires_grad:
+                    continue
+                is_embedding = id(p) in embedding_params or pname.split(".")[-1] in _EMBEDDING_NAMES
+                (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+            groups.append({"name": f"{name}", "params": decay, "lr": lr, "weight_decay": self.hparams.weight_decay})
+            groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("every component is frozen: nothing to train (check freeze_vision/projector/decoder)")
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(self.hparams.betas), fused=None)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+        floor = self.hparams.min_lr_ratio
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint carries the full model config and the tokenizer, so mmgpt.load(ckpt) needs nothing else.
+        checkpoint[CKPT_CONFIG_KEY] = self.model.config.to_dict()
+        checkpoint[CKPT_TOKENIZER_KEY] = self.tokenizer.backend_tokenizer.to_str()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if CKPT_TOKENIZER_KEY in checkpoint:
+            self.tokenizer = tokenizer_from_json(checkpoint[CKPT_TOKENIZER_KEY])
