@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.data.collate import IGNORE_INDEX
+from mmgpt.evaluation import evaluate
 from mmgpt.generation import generate
 from mmgpt.model import MMGPT
 from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY
@@ -46,7 +47,10 @@ class MMGPTModule(L.LightningModule):
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: floor of the cosine schedule, as a fraction of the peak.
         freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed.
-        max_new_tokens: answer length for ``predict``.
+        max_new_tokens: answer length for ``predict`` and generation-based validation.
+        eval_every_n_validations: every this many validation runs, also generate answers for a fixed subset
+            of the validation set and log caption/VQA/text scores next to the loss (0 disables).
+        eval_samples: size of that subset (the first samples of the validation set, so runs compare).
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class MMGPTModule(L.LightningModule):
         freeze_projector: bool = False,
         freeze_decoder: bool = False,
         max_new_tokens: int = 32,
+        eval_every_n_validations: int = 1,
+        eval_samples: int = 100,
     ) -> None:
         super().__init__()
         vision, projector = _as(VisionConfig, vision), _as(ProjectorConfig, projector)
@@ -83,6 +89,7 @@ class MMGPTModule(L.LightningModule):
             if self.frozen[name]:
                 getattr(self.model, name).requires_grad_(False)
         self.val_loss = MeanMetric()
+        self._validations = 0
 
     # Exposed for the CLI, which links them into the datamodule so images are processed as this model expects.
     @property
@@ -121,8 +128,31 @@ class MMGPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp(), prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        self._validations += 1
+        every = self.hparams.eval_every_n_validations
+        if every and self._validations % every == 0:
+            self._log_generation_metrics()
+
+    def _log_generation_metrics(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            return
+        # Every rank scores the same fixed subset (greedy decoding is deterministic), so the logged values
+        # agree across ranks without a gather.
+        metrics, _ = evaluate(
+            self.model, self.tokenizer, datamodule.dataset("val"), batch_size=datamodule.batch_size,
+            max_new_tokens=self.hparams.max_new_tokens, max_length=datamodule.max_length,
+            limit=self.hparams.eval_samples,
+        )
+        shown = {"caption/exact_match": "val/cap_em", "vqa/vqa_acc": "val/vqa_acc"}
+        for key, value in metrics.items():
+            if key.endswith("samples"):
+                continue
+            self.log(shown.get(key, f"val/{key}"), value, prog_bar=key in shown)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         loss, n_tokens = self.loss(batch)
