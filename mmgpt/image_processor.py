@@ -54,8 +54,8 @@ class ImageProcessor:
                 x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bicubic", antialias=True)[0]
         else:
             raise TypeError(f"expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         return (x - mean) / std
 
     def to_dict(self) -> dict:

@@ -44,7 +44,7 @@ class MMGPTModule(L.LightningModule):
         vision_lr, projector_lr, decoder_lr: per-component peak learning rates (None: ``lr``).
         weight_decay: AdamW decay for matrices; norms, biases and embeddings get none.
         betas: AdamW betas; 0.95 as in GPT-3/Llama, steadier than 0.999 for short runs.
-        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` when training ends.
         min_lr_ratio: floor of the cosine schedule, as a fraction of the peak.
         freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed.
         max_new_tokens: answer length for ``predict`` and generation-based validation.

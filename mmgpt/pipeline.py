@@ -63,10 +63,12 @@ class Pipeline:
             weights = path / WEIGHTS_FILE
             if not weights.is_file():
                 raise FileNotFoundError(f"{path} is not an exported mmgpt model: {WEIGHTS_FILE} is missing")
+            model.to(map_location)
             load_model(model, str(weights), device=str(map_location))
             return cls(model, load_tokenizer(path))
         if path.is_file():
-            return cls(*_from_lightning_checkpoint(path, map_location))
+            model, tokenizer = _from_lightning_checkpoint(path, map_location)
+            return cls(model.to(map_location), tokenizer)
         raise FileNotFoundError(f"no model at {path}: expected an exported directory or a Lightning .ckpt file")
 
     def save_pretrained(self, path: str | Path) -> None:
