@@ -53,6 +53,12 @@ class ProjectorConfig:
     pixel_shuffle: int = 1
     # Hidden width of the 2-layer GELU MLP (LLaVA-1.5); None uses the decoder width.
     hidden_dim: int | None = None
+    # LayerNorm on the patch features before the MLP (as Qwen2-VL's merger). Intermediate ViT features are
+    # un-normalized; from-scratch towers drift in scale, and the decoder then learns to ignore them.
+    input_norm: bool = True
+
+
+ATTENTION_MODES = ("causal", "prefix")
 
 
 @dataclass
@@ -76,8 +82,14 @@ class DecoderConfig:
     # Sharing input and output embeddings saves vocab_size * n_embd parameters, a large share of a tiny model.
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # "causal": every token sees the tokens before it. "prefix": prefix-LM as PaliGemma, bidirectional over the
+    # image and prompt and causal over the answer; the prompt is read as a whole before the answer is written.
+    # Training and generation build the same mask from it (decoder.build_attention_mask).
+    attention: str = "causal"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"decoder.attention={self.attention!r} is not one of {list(ATTENTION_MODES)}")
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.n_embd % self.n_head:

@@ -1,5 +1,8 @@
 """A Llama-style causal decoder: RoPE, grouped-query attention through SDPA, SwiGLU, RMSNorm, a static KV cache.
 
+Who sees whom is decided by one function, ``build_attention_mask``: causal with padding hidden, or a prefix-LM
+(``decoder.attention="prefix"``) whose image and prompt attend to each other both ways.
+
 Numerically it is HF ``LlamaForCausalLM`` (a test copies random weights across and compares logits); the layout
 follows litgpt: fused ``qkv`` and fused gate/up projections, so one decode step runs fewer, larger matmuls —
 at small sizes a CPU decode step is dominated by per-op overhead, not FLOPs.
@@ -17,19 +20,54 @@ from mmgpt.config import DecoderConfig
 def build_rope_cache(
     seq_len: int, head_size: int, base: float, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos/sin tables for rotary embeddings, in HF's "rotate half" layout (so Llama weights need no permute)."""
+    """Cos/sin tables for rotary embeddings, in HF's "rotate half" layout (so Llama weights need no permute).
+
+    The sin table comes with its first half negated: ``apply_rope`` then rotates with one ``roll`` instead of
+    slicing, negating and concatenating (the same numbers, bit for bit, in fewer ops per decode step).
+    """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
-    return emb.cos(), emb.sin()
+    cos = torch.cat((freqs, freqs), dim=-1).cos()  # (T, hs)
+    signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (T, hs)
+    return cos, signed_sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (B, 1, T, hs) broadcast over heads
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, nh, hs); cos/signed_sin: (B, T, 1, hs) broadcast over heads.
+    # HF's rotate_half(x) * sin is (-x2 * s, x1 * s), which is roll(x) = (x2, x1) times (-s, s).
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
+
+
+def build_attention_mask(
+    key_valid: torch.Tensor, query_slots: torch.Tensor, prefix_end: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """The one place attention masks are made: causal over slots, padding keys hidden, optionally a prefix-LM.
+
+    Training, evaluation and generation all call this, so the mask a model is trained with is the mask it
+    generates with.
+
+    Args:
+        key_valid: ``(B, S)`` bool, False at padding slots.
+        query_slots: ``(T,)`` the slots the queries sit in.
+        prefix_end: ``None`` for plain causal attention. Otherwise the prefix-LM boundary (PaliGemma): an int
+            or ``(B,)`` tensor of slots; every key before it is visible to every query, so the image and prompt
+            attend to each other in both directions while the answer after it stays causal.
+
+    Returns:
+        ``(B, 1, T, S)`` bool, True = may attend. A padding query also attends to itself so that no row of the
+        softmax is empty (an all-masked row gives NaN); its output is never used.
+    """
+    S = key_valid.size(1)
+    slots = torch.arange(S, device=key_valid.device)
+    visible = slots[None, :] <= query_slots[:, None]  # (T, S) causal
+    if prefix_end is not None:
+        prefix_end = torch.as_tensor(prefix_end, device=key_valid.device).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+        # Keys inside the prefix are visible to every query; keys after it stay causal, so no answer token is
+        # ever visible to the prefix or to an earlier answer token.
+        visible = visible[None] | (slots[None, None, :] < prefix_end)  # (B, T, S)
+    self_slot = slots[None, :] == query_slots[:, None]  # (T, S)
+    return ((visible & key_valid[:, None, :]) | self_slot).unsqueeze(1)
 
 
 class KVCache(nn.Module):
@@ -47,11 +85,42 @@ class KVCache(nn.Module):
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # input_pos: (T,) cache slots; k, v: (B, ng, T, hs). Returns the whole cache (B, ng, S, hs).
-        self.k = self.k.to(k.dtype)
-        self.v = self.v.to(v.dtype)
+        if self.k.dtype != k.dtype:  # only when autocast changed the compute dtype after set_kv_cache
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat, or reorder) batch rows: drops finished rows, expands one prompt into several
+        samples or beams, and follows beam search's choice of parents. Costs one copy, never per token."""
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
+
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one query per row (a decode step), written out.
+
+    What SDPA computes, for the compiled decode step: there the scores, the softmax and the weighted sum fuse
+    into one loop, while SDPA's CPU kernel costs far more than this little arithmetic (a third of a step).
+
+    Args:
+        q: ``(B, nh, 1, hs)``; k, v: ``(B, ng, S, hs)`` with ``nh`` a multiple of ``ng`` (grouped queries).
+        mask: ``(B or 1, 1, 1, S)`` boolean (True = attend) or additive, or ``None``.
+
+    Returns:
+        ``(B, nh, 1, hs)``.
+    """
+    B, nh, _, hs = q.shape
+    ng = k.size(1)
+    q = q.view(B, ng, nh // ng, 1, hs)  # the query heads that share each key/value head
+    scores = (q * k[:, :, None]).sum(-1) * hs**-0.5  # (B, ng, nh/ng, S)
+    if mask is not None:
+        mask = mask.view(mask.size(0), 1, 1, -1)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    y = (scores.softmax(dim=-1)[..., None] * v[:, :, None]).sum(-2)  # (B, ng, nh/ng, hs)
+    return y.view(B, nh, 1, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,20 +139,27 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         hs, nh, ng = self.head_size, self.n_head, self.n_query_groups
-        q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        v = v.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, nh + 2 * ng, hs)
+        # Queries and keys are rotated in one call: at decode time every saved op counts.
+        qk = apply_rope(qkv[:, :, : nh + ng], cos, sin)  # (B, T, nh + ng, hs)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, ng, T, hs)
+        v = qkv[:, :, nh + ng :].transpose(1, 2)  # (B, ng, T, hs)
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call decoder.set_kv_cache() first")
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
-        # Never pass both a mask and is_causal=True: SDPA rejects it, and the mask already says everything.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=ng != nh,
-        )  # (B, nh, T, hs)
+            if mask is not None and mask.size(-1) < k.size(2):
+                # A mask over the first S' slots says the rest are unwritten: skip them instead of masking them.
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+        if T == 1 and not self.training and torch.compiler.is_compiling():
+            y = single_query_attention(q, k, v, mask)  # a compiled decode step: fuses, unlike SDPA's kernel
+        else:
+            # Never pass both a mask and is_causal=True: SDPA rejects it, and the mask already says everything.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=ng != nh,
+            )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
@@ -161,6 +237,11 @@ class Decoder(nn.Module):
         for block in self.h:
             block.attn.kv_cache = None
 
+    def kv_cache_select(self, rows: torch.Tensor) -> None:
+        """Keep, repeat or reorder the cache's batch rows (see ``KVCache.select``)."""
+        for block in self.h:
+            block.attn.kv_cache.select(rows)
+
     @property
     def kv_cache_length(self) -> int:
         cache = self.h[0].attn.kv_cache
@@ -174,6 +255,7 @@ class Decoder(nn.Module):
         input_pos: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Run the decoder.
 
@@ -182,11 +264,15 @@ class Decoder(nn.Module):
             input_pos: ``(T,)`` KV-cache slots to write; ``None`` runs without a cache (training).
             position_ids: ``(B, T)`` RoPE positions; default ``input_pos`` (or ``0..T-1``). Differ from the
                 cache slots for left-padded rows, whose first real token is position 0.
-            attn_mask: boolean, True = attend. ``(B or 1, 1, T, T)`` without a cache, ``(B or 1, 1, T, S)``
-                over all ``S`` cache slots with one. ``None`` means plain causal attention.
+            attn_mask: boolean (True = attend) or additive float, from ``build_attention_mask``.
+                ``(B or 1, 1, T, T)`` without a cache; with one, ``(B or 1, 1, T, S')`` over the first ``S'``
+                cache slots (the slots after them are not attended at all). ``None`` means plain causal
+                attention.
+            logits_to_keep: compute logits for the last this many positions only (0 = all), as HF: a prefill
+                needs just the last one, and the vocabulary projection is its largest matmul.
 
         Returns:
-            Logits ``(B, T, vocab_size)``.
+            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given).
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
@@ -195,16 +281,20 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
             position_ids = position_ids.unsqueeze(0).expand(B, T)
-        if int(position_ids.max()) >= self.config.block_size:
+        if input_pos is None and int(position_ids.max()) >= self.config.block_size:
+            # Checked without a cache only: a cache is never larger than block_size (set_kv_cache checks), and a
+            # per-step check would cost a device sync on every generated token.
             raise ValueError(
                 f"sequence position {int(position_ids.max())} is beyond decoder.block_size={self.config.block_size}"
             )
-        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hs)
-        sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
+        cos = self.cos[position_ids].unsqueeze(2).to(x.dtype)  # (B, T, 1, hs)
+        sin = self.sin[position_ids].unsqueeze(2).to(x.dtype)
         if input_pos is not None and attn_mask is None:
             # Causal over cache slots: query at slot p sees slots 0..p, never the unwritten rest of the cache.
-            slots = torch.arange(self.kv_cache_length, device=x.device)
-            attn_mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, S)
+            all_valid = torch.ones(1, self.kv_cache_length, dtype=torch.bool, device=x.device)
+            attn_mask = build_attention_mask(all_valid, input_pos)  # (1, 1, T, S)
         for block in self.h:
             x = block(x, cos, sin, attn_mask, input_pos)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

@@ -64,7 +64,9 @@ def text_nll(
     total, count = 0.0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         images = batch["images"].to(device) if batch["images"] is not None else None
-        logits = model(batch["input_ids"].to(device), images)[:, :-1]  # (B, T-1, V)
+        logits = model(
+            batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device)
+        )[:, :-1]  # (B, T-1, V)
         labels = batch["labels"][:, 1:].to(device)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                                        ignore_index=IGNORE_INDEX))

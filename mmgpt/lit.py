@@ -105,7 +105,8 @@ class MMGPTModule(L.LightningModule):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over supervised tokens, and their count."""
-        logits = self.model(batch["input_ids"], batch["images"])  # (B, T, V)
+        # prefix_lengths: where image + prompt end, for decoder.attention="prefix" (ignored when causal).
+        logits = self.model(batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"))
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         n_tokens = (labels != IGNORE_INDEX).sum()
         loss = F.cross_entropy(

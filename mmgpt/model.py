@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mmgpt.config import MMGPTConfig
-from mmgpt.decoder import Decoder
+from mmgpt.decoder import Decoder, build_attention_mask
 from mmgpt.projector import Projector
 from mmgpt.vision import VisionTower
 
@@ -16,7 +16,8 @@ class MMGPT(nn.Module):
 
     A prompt holds ``image_seq_len`` ``<image>`` placeholder tokens per image; their embeddings are overwritten
     by the projected patch tokens of that image (images in order of appearance, across the batch). A sequence
-    with no placeholder is plain text, and a batch may mix both.
+    with no placeholder is plain text, and a batch may mix both. With ``decoder.attention="prefix"`` the image
+    and prompt (the first ``prefix_lengths`` tokens of a row) attend to each other both ways.
     """
 
     def __init__(self, config: MMGPTConfig) -> None:
@@ -83,7 +84,28 @@ class MMGPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments."""
+        """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments.
+
+        Args:
+            prefix_lengths: ``(B,)`` tokens of image + prompt at the start of each (right-padded) row, as the
+                ``Collator`` gives them in ``batch["prefix_lengths"]``. Required with
+                ``decoder.attention="prefix"`` unless ``attn_mask`` is given; ignored for causal attention.
+        """
         x = self.embed(input_ids, images, image_embeds)
-        return self.decoder(inputs_embeds=x, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
+        if attn_mask is None and self.config.decoder.attention == "prefix":
+            if prefix_lengths is None or input_pos is not None:
+                raise ValueError(
+                    "decoder.attention='prefix' needs prefix_lengths (the image + prompt length of each row, "
+                    "batch['prefix_lengths'] from the Collator), or an explicit attn_mask (always with a KV cache)"
+                )
+            B, T = input_ids.shape
+            # Right padding needs no hiding: it comes after each row's answer, which stays causal.
+            all_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            attn_mask = build_attention_mask(all_valid, torch.arange(T, device=input_ids.device), prefix_lengths)
+        return self.decoder(
+            inputs_embeds=x, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask,
+            logits_to_keep=logits_to_keep,
+        )

@@ -1,4 +1,4 @@
-"""The user-facing model object: load from a checkpoint or an exported directory, generate text, save.
+"""The user-facing model object: load from a checkpoint or an exported directory, generate or stream text, save.
 
 An exported directory is self-contained and loads without executing code::
 
@@ -9,7 +9,8 @@ An exported directory is self-contained and loads without executing code::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerFast
 
 from mmgpt.config import MMGPTConfig
+from mmgpt.generation import cut_at_stop_string, stream_tokens
 from mmgpt.generation import generate as generate_ids
 from mmgpt.image_processor import ImageInput
 from mmgpt.model import MMGPT
@@ -30,8 +32,22 @@ CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 CKPT_TOKENIZER_KEY, CKPT_CONFIG_KEY = "mmgpt_tokenizer", "mmgpt_config"
 
 
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An image run through the vision tower and projector once (``Pipeline.encode_image``).
+
+    Pass it wherever an image goes: several questions about one image then encode it once.
+    """
+
+    embeds: torch.Tensor  # (image_seq_len, n_embd), ready to splice into the prompt
+
+
+# What a prompt's image slot takes: nothing, an image, an encoded image, or a list of those (several images).
+ImageSlot = ImageInput | ImageEmbedding | None | Sequence[ImageInput | ImageEmbedding]
+
+
 class Pipeline:
-    """A model with its tokenizer and image processor: ``generate`` text from images and prompts.
+    """A model with its tokenizer and image processor: ``generate`` or ``stream`` text from images and prompts.
 
     Args:
         model: an ``MMGPT``.
@@ -79,39 +95,103 @@ class Pipeline:
         save_model(self.model, str(path / WEIGHTS_FILE))  # handles the tied embedding/lm_head weights
         self.tokenizer.save_pretrained(path)
 
-    def encode(self, images: Sequence[ImageInput | None], prompts: Sequence[str | None]):
-        """Tokenize prompts (left-padded) and process images; returns ``(input_ids, attention_mask, images)``."""
+    def encode(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
+        """Tokenize prompts (left-padded) and process images; returns ``(input_ids, attention_mask, images)``.
+
+        Each entry of ``images`` is ``None``, one image, or a list of images for that prompt.
+        """
+        ids, mask, per_prompt = self._tokenize(images, prompts)
+        raw = [im for ims in per_prompt for im in ims]
+        if any(isinstance(im, ImageEmbedding) for im in raw):
+            raise TypeError("encode() returns pixels; pass ImageEmbedding handles to generate() or stream()")
+        return ids, mask, self._pixels(raw)
+
+    @torch.inference_mode()
+    def encode_image(self, image: ImageInput) -> ImageEmbedding:
+        """Run one image through the vision tower and projector, for reuse across prompts.
+
+        Args:
+            image: a PIL image, a path or a ``(3, H, W)`` tensor.
+
+        Returns:
+            An ``ImageEmbedding`` to pass to ``generate``/``stream`` in place of the image.
+        """
+        return ImageEmbedding(self.model.encode_images(self._pixels([image]))[0])
+
+    def _tokenize(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one (or None) per prompt")
+        per_prompt = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         texts = [
-            render_prompt(p, num_images=int(im is not None), image_seq_len=self.model.image_seq_len)
-            for im, p in zip(images, prompts, strict=True)
+            render_prompt(p, num_images=len(ims), image_seq_len=self.model.image_seq_len)
+            for ims, p in zip(per_prompt, prompts, strict=True)
         ]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        pixels = [self.processor(im) for im in images if im is not None]
-        pixel_values = torch.stack(pixels).to(self.device) if pixels else None
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), pixel_values
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), per_prompt
+
+    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        return torch.stack([self.processor(im) for im in images]).to(self.device) if images else None
+
+    def _inputs(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
+        """``(input_ids, attention_mask, image_embeds)``: images are encoded in one batch, handles reused."""
+        ids, mask, per_prompt = self._tokenize(images, prompts)
+        flat = [im for ims in per_prompt for im in ims]
+        if not flat:
+            return ids, mask, None
+        raw = [im for im in flat if not isinstance(im, ImageEmbedding)]
+        with torch.inference_mode():
+            encoded = iter(self.model.encode_images(self._pixels(raw)) if raw else ())
+        shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
+        for im in flat:
+            if isinstance(im, ImageEmbedding) and tuple(im.embeds.shape) != shape:
+                raise ValueError(
+                    f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
+                    f"{shape}; encode the image with this pipeline's encode_image"
+                )
+        embeds = [im.embeds.to(self.device) if isinstance(im, ImageEmbedding) else next(encoded) for im in flat]
+        return ids, mask, torch.stack(embeds)
+
+    def _sampling(self, seed: int | None, sampling: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
+        kwargs.update(sampling)
+        if seed is not None:
+            if kwargs.get("generator") is not None:
+                raise ValueError("pass seed or generator, not both")
+            kwargs["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+        if kwargs.get("stop_strings"):
+            kwargs["tokenizer"] = self.tokenizer
+        return kwargs
+
+    def _text(self, ids: torch.Tensor, stop_strings: Sequence[str] | None) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cut_at_stop_string(text, stop_strings)[0].strip()
 
     def generate(
         self,
-        images: ImageInput | None | Sequence[ImageInput | None] = None,
+        images: ImageSlot | Sequence[ImageSlot] = None,
         prompts: str | None | Sequence[str | None] = None,
         max_new_tokens: int = 48,
         seed: int | None = None,
         **sampling: Any,
-    ) -> str | list[str]:
+    ) -> str | list[str] | list[list[str]]:
         """Generate text for one (image, prompt) pair or for lists of them, batched.
 
         Args:
-            images: a PIL image, a path, a ``(3, H, W)`` tensor, ``None`` (text only), or a list of those.
+            images: a PIL image, a path, a ``(3, H, W)`` tensor, an ``ImageEmbedding`` from ``encode_image``,
+                ``None`` (text only), or a list of those, one per prompt; a list inside the list gives that
+                prompt several images.
             prompts: the user's text, or a list; ``None`` with an image asks for a caption.
             max_new_tokens: the most tokens to generate per answer.
-            seed: seeds sampling for reproducible results.
-            **sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p`` (HF ``generate`` names); greedy
-                by default.
+            seed: seeds sampling for reproducible results (or pass ``generator=torch.Generator()``).
+            **sampling: any argument of ``mmgpt.generation.generate`` in HF ``generate``'s names: ``do_sample``,
+                ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+                ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
+                ``eos_token_id`` (default: the tokenizer's), ``stop_strings`` (cut from the text), ``compile``.
+                Greedy by default.
 
         Returns:
-            A string for a single input, a list of strings for lists.
+            A string for a single input, a list of strings for lists; with ``num_return_sequences=n > 1``
+            each of those becomes a list of ``n`` strings.
         """
         single = not isinstance(prompts, (list, tuple)) and not isinstance(images, (list, tuple))
         if single:
@@ -120,18 +200,90 @@ class Pipeline:
             images = [images] * len(prompts)
         elif not isinstance(prompts, (list, tuple)):
             prompts = [prompts] * len(images)
-        input_ids, attention_mask, pixel_values = self.encode(images, prompts)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        input_ids, attention_mask, image_embeds = self._inputs(images, prompts)
+        kwargs = self._sampling(seed, sampling)
         new = generate_ids(
-            self.model, input_ids, attention_mask, pixel_values,
-            max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, generator=generator, **sampling,
+            self.model, input_ids, attention_mask, image_embeds=image_embeds, max_new_tokens=max_new_tokens, **kwargs
         )
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        texts = [self._text(row, kwargs.get("stop_strings")) for row in new]
+        n = kwargs.get("num_return_sequences", 1)
+        if n > 1:
+            texts = [texts[i : i + n] for i in range(0, len(texts), n)]
         return texts[0] if single else texts
+
+    def stream(
+        self,
+        image: ImageSlot = None,
+        prompt: str | None = None,
+        max_new_tokens: int = 48,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Generate the answer to one prompt piece by piece, as it is written.
+
+        The pieces join to exactly what ``generate`` returns: a character whose UTF-8 bytes span several
+        tokens comes out whole, and text that may be the start of a stop string is held back until it is known
+        not to be one.
+
+        Args:
+            image, prompt, max_new_tokens, seed, **sampling: as ``generate`` for one input (no beam search and
+                one sequence: only the end of a beam search knows its best sequence).
+
+        Yields:
+            Text increments.
+        """
+        if sampling.get("num_beams", 1) > 1 or sampling.get("num_return_sequences", 1) > 1:
+            raise ValueError("stream() writes one sequence: num_beams and num_return_sequences must be 1")
+        input_ids, attention_mask, image_embeds = self._inputs([image], [prompt])
+        kwargs = self._sampling(seed, sampling)
+        kwargs.pop("pad_token_id")
+        text = _TextStream(self.tokenizer, kwargs.get("stop_strings"))
+        for _, tokens in stream_tokens(
+            self.model, input_ids, attention_mask, image_embeds=image_embeds, max_new_tokens=max_new_tokens,
+            **kwargs,
+        ):
+            piece = text.push(int(tokens[0]))
+            if piece:
+                yield piece
+        piece = text.end()
+        if piece:
+            yield piece
+
+
+class _TextStream:
+    """Turns tokens into text increments whose concatenation is the final text (``Pipeline._text``).
+
+    Each push decodes the tokens so far and releases what can no longer change: not a trailing U+FFFD (the
+    first bytes of a character whose remaining bytes are in later tokens), not a tail that could begin a stop
+    string, and not trailing whitespace (the final text is stripped).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, stop_strings: Sequence[str] | None) -> None:
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings or ())
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _release(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text, stopped = cut_at_stop_string(text, self.stop_strings)
+        if not (final or stopped):
+            text = text.rstrip("\ufffd")
+            # Hold back the longest tail that a stop string starts with: it may complete in the next tokens.
+            held = max(
+                (n for s in self.stop_strings for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
+                default=0,
+            )
+            text = text[: len(text) - held]
+        text = text.strip()
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._release(final=False)
+
+    def end(self) -> str:
+        return self._release(final=True)
 
 
 def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrainedTokenizerFast]:

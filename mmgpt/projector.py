@@ -42,12 +42,19 @@ class Projector(nn.Module):
         self.config, self.grid_size = config, grid_size
         self.num_tokens = (grid_size[0] // r) * (grid_size[1] // r)
         hidden = config.hidden_dim or out_dim
+        self.norm = nn.LayerNorm(vision_dim) if config.input_norm else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(vision_dim * r * r, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
         )
+        # The output layer gets the decoder's init scale (std 0.02), so image tokens start at the size of word
+        # embeddings instead of ~25x larger. The first layer keeps PyTorch's fan-in init: with both layers
+        # that small, each one's gradient is scaled by the other's tiny weights and the projector barely moves.
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H*W, vision_dim)
+        x = self.norm(x)
         if self.config.pixel_shuffle > 1:
             x = pixel_shuffle(x, self.grid_size, self.config.pixel_shuffle)
         return self.mlp(x)  # (B, num_tokens, out_dim)

@@ -19,8 +19,10 @@ class Collator:
     """Tokenize and pad a batch.
 
     In ``"train"`` mode a row is ``prompt + target + eos``, right-padded, with ``labels`` equal to the ids on
-    the target and ``IGNORE_INDEX`` elsewhere (labels are *not* shifted; the loss shifts). In ``"generate"``
-    mode a row is the prompt alone, left-padded, so that generation continues every row from the same slot.
+    the target and ``IGNORE_INDEX`` elsewhere (labels are *not* shifted; the loss shifts), and
+    ``prefix_lengths`` the prompt's length (images included), which a prefix-LM reads bidirectionally. In
+    ``"generate"`` mode a row is the prompt alone, left-padded, so that generation continues every row from the
+    same slot.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -89,6 +91,8 @@ class Collator:
         }
         if self.mode == "train":
             batch["labels"] = labels  # (B, T)
+            # The prompt of every row starts at slot 0 and ends here: the prefix of decoder.attention="prefix".
+            batch["prefix_lengths"] = torch.tensor([lab.count(IGNORE_INDEX) for _, lab in rows])  # (B,)
         else:
             batch["answers"] = [s.answers for s in samples]
             batch["qtypes"] = [s.qtype for s in samples]
