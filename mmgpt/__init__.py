@@ -2,9 +2,10 @@
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.model import MMGPT
-from mmgpt.pipeline import Pipeline, generate, load
+from mmgpt.pipeline import ImageEmbedding, Pipeline, generate, load
 
 __all__ = [
-    "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "Pipeline", "generate", "load",
+    "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "ImageEmbedding", "Pipeline",
+    "generate", "load",
 ]
 __version__ = "0.1.0"

@@ -20,18 +20,30 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable); not returned")
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.image is None and args.prompt is None:
         parser.error("give --image, --prompt, or both")
     model = mmgpt.load(args.model, map_location=args.device)
-    print(model.generate(
-        args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    ))
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop, seed=args.seed,
+    )
+    if args.stream:
+        for piece in model.stream(args.image, args.prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.generate(args.image, args.prompt, num_beams=args.num_beams, **sampling))
 
 
 if __name__ == "__main__":
