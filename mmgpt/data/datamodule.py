@@ -29,12 +29,18 @@ class DataSource:
     images: str | None = None
     # Relative sampling weight in a mixture of several sources.
     weight: float = 1.0
-    # shapes: number of scenes (each gives several samples).
+    # shapes: number of scenes (each gives a caption, qa_per_scene questions and text-only samples).
     size: int = 1000
+    # shapes: questions per scene; 3 covers most question types of a scene without repeating one.
+    qa_per_scene: int = 3
+    # shapes: share of text-only samples, so the model keeps plain text generation.
+    text_fraction: float = 0.2
 
     def build(self, split: str, shapes: ShapesConfig) -> Dataset:
         if self.kind == "shapes":
-            return ShapesDataset(split, self.size, shapes)
+            return ShapesDataset(
+                split, self.size, shapes, qa_per_scene=self.qa_per_scene, text_fraction=self.text_fraction
+            )
         if self.path is None:
             raise ValueError(f"data source kind={self.kind!r} needs a path")
         if self.kind == "coco":
