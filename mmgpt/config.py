@@ -86,10 +86,23 @@ class DecoderConfig:
     # image and prompt and causal over the answer; the prompt is read as a whole before the answer is written.
     # Training and generation build the same mask from it (decoder.build_attention_mask).
     attention: str = "causal"
+    # A pretrained causal LM as the decoder instead of the native one: a local HF directory (Llama, Qwen2,
+    # GPT-2, ... anything AutoModelForCausalLM loads) or a .gguf file. Its weights are read when training starts;
+    # the size fields above then come from its config. Nothing is downloaded.
+    hf_path: str | None = None
+    # That LM's config (config.json as a dict), filled in from hf_path: a saved model rebuilds its decoder from
+    # this alone, without hf_path.
+    hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"decoder.attention={self.attention!r} is not one of {list(ATTENTION_MODES)}")
+        if self.hf_config is not None:
+            # The projector writes into the LM's embedding space; generation stays within its context length.
+            text = self.hf_config.get("text_config") or self.hf_config
+            self.n_embd = text.get("hidden_size") or text["n_embd"]
+            self.block_size = text.get("max_position_embeddings") or text.get("n_positions") or self.block_size
+            return
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.n_embd % self.n_head:
@@ -103,6 +116,11 @@ class DecoderConfig:
         if self.intermediate_size is None:
             # Llama keeps SwiGLU's parameter count equal to a 4x GELU MLP: 2/3 * 4 * n_embd, rounded to 16.
             self.intermediate_size = 16 * -(-int(8 * self.n_embd / 3) // 16)
+
+    @property
+    def is_hf(self) -> bool:
+        """True when the decoder is a transformers model (``hf_path``/``hf_config``), not the native one."""
+        return self.hf_path is not None or self.hf_config is not None
 
     @property
     def head_size(self) -> int:

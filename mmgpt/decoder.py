@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mmgpt.config import DecoderConfig
 
@@ -206,6 +207,10 @@ class Decoder(nn.Module):
         # Not persistent: derived from the config, so checkpoints stay portable across block sizes.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of keeping them (HF's switch and name):
+        # activation memory drops from every block's intermediates to one (B, T, C) input per block, for about
+        # one extra forward pass of compute.
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's scaled init for the projections that write into the residual stream keeps its variance
         # independent of depth.
@@ -217,6 +222,13 @@ class Decoder(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint every block while training (HF's name for the switch)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     def set_kv_cache(
         self, batch_size: int, max_seq_length: int | None = None,
@@ -293,8 +305,15 @@ class Decoder(nn.Module):
             # Causal over cache slots: query at slot p sees slots 0..p, never the unwritten rest of the cache.
             all_valid = torch.ones(1, self.kv_cache_length, dtype=torch.bool, device=x.device)
             attn_mask = build_attention_mask(all_valid, input_pos)  # (1, 1, T, S)
+        # Only when gradients will flow: in eval or under no_grad there is nothing to save memory on.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, cos, sin, attn_mask, input_pos)
+            if recompute:
+                # Non-reentrant: works with DDP, torch.compile and inputs that need no grad, and restores the RNG
+                # state so dropout draws the same masks when the block is recomputed.
+                x = checkpoint(block, x, cos, sin, attn_mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

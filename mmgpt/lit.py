@@ -18,10 +18,11 @@ from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConf
 from mmgpt.data.collate import IGNORE_INDEX
 from mmgpt.evaluation import evaluate
 from mmgpt.generation import generate
+from mmgpt.lora import LoRAConfig, apply_lora
 from mmgpt.model import MMGPT
-from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY
+from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_LORA_KEY, CKPT_TOKENIZER_KEY, load_weights
 from mmgpt.prompts import IMAGE
-from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_from_json
+from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
 COMPONENTS = ("vision", "projector", "decoder")
 # Parameters that are embeddings in all but module type (timm's position embeddings and prefix tokens):
@@ -51,6 +52,12 @@ class MMGPTModule(L.LightningModule):
         eval_every_n_validations: every this many validation runs, also generate answers for a fixed subset
             of the validation set and log caption/VQA/text scores next to the loss (0 disables).
         eval_samples: size of that subset (the first samples of the validation set, so runs compare).
+        gradient_checkpointing: recompute the decoder blocks' activations in backward instead of storing them:
+            less activation memory (bigger batches or longer sequences) for about a third more compute.
+        init_from: start from the weights of a trained model (a ``.ckpt`` or an exported directory), as a second
+            training stage starts from the first; unlike ``ckpt_path`` it does not resume the optimizer or step.
+        lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
+            weights when the model is loaded for inference or exported.
     """
 
     def __init__(
@@ -73,21 +80,38 @@ class MMGPTModule(L.LightningModule):
         max_new_tokens: int = 32,
         eval_every_n_validations: int = 1,
         eval_samples: int = 100,
+        gradient_checkpointing: bool = False,
+        init_from: str | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         vision, projector = _as(VisionConfig, vision), _as(ProjectorConfig, projector)
         decoder = _as(DecoderConfig, decoder)
-        self.save_hyperparameters(ignore=["vision", "projector", "decoder"])
+        lora = _as(LoRAConfig, lora) if lora is not None else None
+        self.save_hyperparameters(ignore=["vision", "projector", "decoder", "lora"])
         # Plain dicts in hparams keep the checkpoint loadable with torch.load(weights_only=True).
-        self.hparams.update(vision=asdict(vision), projector=asdict(projector), decoder=asdict(decoder))
+        self.hparams.update(
+            vision=asdict(vision), projector=asdict(projector), decoder=asdict(decoder),
+            lora=asdict(lora) if lora else None,
+        )
+        if lora is not None and freeze_decoder:
+            raise ValueError("lora trains adapters in the decoder: it cannot be combined with freeze_decoder=true")
         self.tokenizer = load_tokenizer(tokenizer)
         decoder = DecoderConfig(**{**asdict(decoder), "vocab_size": len(self.tokenizer)})
         config = MMGPTConfig(vision, projector, decoder, image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE))
         self.model = MMGPT(config)
+        if init_from:
+            load_weights(self.model, init_from)
+        elif config.decoder.hf_path:
+            self.model.decoder.load_pretrained()  # a pretrained LM is the point of hf_path
+        if gradient_checkpointing:
+            self.model.decoder.gradient_checkpointing_enable()
         self.frozen = {"vision": freeze_vision, "projector": freeze_projector, "decoder": freeze_decoder}
         for name in COMPONENTS:
             if self.frozen[name]:
                 getattr(self.model, name).requires_grad_(False)
+        if lora is not None:
+            apply_lora(self.model.decoder, lora)
         self.val_loss = MeanMetric()
         self._validations = 0
 
@@ -103,22 +127,39 @@ class MMGPTModule(L.LightningModule):
     def forward(self, input_ids, images=None, **kwargs):
         return self.model(input_ids, images, **kwargs)
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over supervised tokens, and their count."""
+    def summed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy summed over supervised tokens, and their count."""
         # prefix_lengths: where image + prompt end, for decoder.attention="prefix" (ignored when causal).
         logits = self.model(batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"))
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         n_tokens = (labels != IGNORE_INDEX).sum()
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+        total = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return loss, n_tokens
+        return total, n_tokens
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy over supervised tokens, and their count."""
+        total, n_tokens = self.summed_loss(batch)
+        return total / n_tokens.clamp(min=1), n_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_tokens = self.loss(batch)
+        total, n_tokens = self.summed_loss(batch)
+        # The loss is a mean over the supervised tokens of the whole (global) batch, on any number of devices.
+        # DDP and FSDP average gradients over ranks, so a per-rank mean would weight each rank's tokens by
+        # 1 / (its own count): ranks with short answers would count for more. Dividing the rank's sum by the
+        # global count and multiplying by the world size makes that average exactly the global-batch gradient.
+        # One all-reduce gives the count and the summed loss to log; on one device it is a no-op.
+        # float32 counts tokens exactly up to 2**24 per global batch.
+        global_total, global_tokens = self.trainer.strategy.reduce(
+            torch.stack([total.detach(), n_tokens.to(total.dtype)]), reduce_op="sum"
+        )
+        global_tokens = global_tokens.clamp(min=1)
+        loss = total * self.trainer.world_size / global_tokens
         bs = batch["input_ids"].size(0)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        # The same global-batch mean on every rank, so the logged value needs no further sync.
+        self.log("train/loss", global_total / global_tokens, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", global_tokens, reduce_fx="sum", batch_size=bs)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -218,8 +259,9 @@ class MMGPTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint carries the full model config and the tokenizer, so mmgpt.load(ckpt) needs nothing else.
         checkpoint[CKPT_CONFIG_KEY] = self.model.config.to_dict()
-        checkpoint[CKPT_TOKENIZER_KEY] = self.tokenizer.backend_tokenizer.to_str()
+        checkpoint[CKPT_TOKENIZER_KEY] = tokenizer_to_files(self.tokenizer)
+        checkpoint[CKPT_LORA_KEY] = self.hparams.lora
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if CKPT_TOKENIZER_KEY in checkpoint:
-            self.tokenizer = tokenizer_from_json(checkpoint[CKPT_TOKENIZER_KEY])
+            self.tokenizer = tokenizer_from_files(checkpoint[CKPT_TOKENIZER_KEY])

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from mmgpt.config import MMGPTConfig
 from mmgpt.decoder import Decoder, build_attention_mask
+from mmgpt.hf_decoder import HFDecoder, resolve_hf_config
 from mmgpt.projector import Projector
 from mmgpt.vision import VisionTower
 
@@ -24,9 +25,13 @@ class MMGPT(nn.Module):
         super().__init__()
         if config.image_token_id < 0:
             raise ValueError("config.image_token_id is not set: take it from the tokenizer (the id of '<image>')")
+        if config.decoder.hf_path and config.decoder.hf_config is None:
+            # The decoder's size comes from the pretrained LM's own config; keep it in ours so a saved model is
+            # self-contained.
+            config = config.replace(decoder=resolve_hf_config(config.decoder))
         self.config = config
         self.vision = VisionTower(config.vision)
-        self.decoder = Decoder(config.decoder)
+        self.decoder = HFDecoder(config.decoder) if config.decoder.is_hf else Decoder(config.decoder)
         self.projector = Projector(
             config.projector, self.vision.embed_dim, self.vision.grid_size, config.decoder.n_embd
         )

@@ -22,14 +22,17 @@ from mmgpt.config import MMGPTConfig
 from mmgpt.generation import cut_at_stop_string, stream_tokens
 from mmgpt.generation import generate as generate_ids
 from mmgpt.image_processor import ImageInput
+from mmgpt.lora import LoRAConfig, apply_lora, merge_lora
 from mmgpt.model import MMGPT
-from mmgpt.prompts import render_prompt
-from mmgpt.tokenizer import ASSETS, load_tokenizer, tokenizer_from_json
+from mmgpt.prompts import conversation, encode_conversation
+from mmgpt.tokenizer import ASSETS, load_tokenizer, tokenizer_from_files
 
 DEFAULT_MODEL = ASSETS / "default_model"
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 # Key under which a Lightning checkpoint carries the tokenizer, so that a .ckpt alone is enough to load.
 CKPT_TOKENIZER_KEY, CKPT_CONFIG_KEY = "mmgpt_tokenizer", "mmgpt_config"
+# Present when the decoder was trained with LoRA adapters: loading re-creates them, then merges them.
+CKPT_LORA_KEY = "mmgpt_lora"
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,14 @@ class Pipeline:
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one (or None) per prompt")
         per_prompt = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        texts = [
-            render_prompt(p, num_images=len(ims), image_seq_len=self.model.image_seq_len)
+        rows = [
+            encode_conversation(
+                self.tokenizer, conversation(p, num_images=len(ims)), self.model.image_seq_len,
+                add_generation_prompt=True,
+            )[0]
             for ims, p in zip(per_prompt, prompts, strict=True)
         ]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), per_prompt
+        return *left_pad(rows, self.tokenizer.pad_token_id, self.device), per_prompt
 
     def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         return torch.stack([self.processor(im) for im in images]).to(self.device) if images else None
@@ -286,6 +291,16 @@ class _TextStream:
         return self._release(final=True)
 
 
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Token rows -> ``(input_ids, attention_mask)`` ``(B, T)``, padded on the left so every row ends at slot T."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :], mask[i, T - len(r) :] = torch.tensor(r, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
 def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrainedTokenizerFast]:
     # weights_only=True: a checkpoint is data; loading it must never run code from the file.
     try:
@@ -296,10 +311,28 @@ def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrai
         raise ValueError(f"{path}: not an mmgpt training checkpoint (no model config or tokenizer inside)")
     config = MMGPTConfig.from_dict(ckpt[CKPT_CONFIG_KEY])
     model = MMGPT(config)
+    if ckpt.get(CKPT_LORA_KEY):
+        apply_lora(model.decoder, LoRAConfig(**ckpt[CKPT_LORA_KEY]))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
-    return model, tokenizer_from_json(ckpt[CKPT_TOKENIZER_KEY])
+    if ckpt.get(CKPT_LORA_KEY):
+        merge_lora(model.decoder)  # inference and export use plain weights
+    return model, tokenizer_from_files(ckpt[CKPT_TOKENIZER_KEY])
+
+
+def load_weights(model: MMGPT, path: str | Path) -> None:
+    """Copy the weights of a trained model (a ``.ckpt`` or an exported directory) into ``model``.
+
+    Args:
+        model: a model of the same architecture.
+        path: what ``mmgpt.load`` accepts; LoRA adapters in it are merged first.
+    """
+    source = Pipeline.from_pretrained(path).model
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"init_from={path}: its weights do not fit this model's architecture: {e}") from e
 
 
 def load(path: str | Path | None = None, map_location: str | torch.device = "cpu") -> Pipeline:

@@ -8,6 +8,7 @@ from PIL import Image
 
 import mmgpt
 from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY, DEFAULT_MODEL, Pipeline
+from mmgpt.tokenizer import load_tokenizer, tokenizer_from_files
 
 
 def inputs(pipe: Pipeline, images):
@@ -58,7 +59,13 @@ def test_checkpoint_is_weights_only_loadable(trained):
     _, ckpt = trained
     data = torch.load(ckpt, weights_only=True)
     assert mmgpt.MMGPTConfig.from_dict(data[CKPT_CONFIG_KEY]).vision.img_size == 32
-    assert isinstance(data[CKPT_TOKENIZER_KEY], str)
+    # The tokenizer travels as its saved text files, chat template included.
+    files = data[CKPT_TOKENIZER_KEY]
+    assert "tokenizer.json" in files and all(isinstance(v, str) for v in files.values())
+    rebuilt, original = tokenizer_from_files(files), load_tokenizer()
+    text = "<|bos|><image><|user|>What color is the circle?<|assistant|>"
+    assert rebuilt(text)["input_ids"] == original(text)["input_ids"]
+    assert rebuilt.chat_template == original.chat_template
     assert data["hyper_parameters"]["decoder"]["n_layer"] == 2  # hparams stored as plain dicts
     assert any(k.startswith("model.decoder.") for k in data["state_dict"])
     assert data["optimizer_states"]  # a full training checkpoint, not a weights-only export

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgpt.data.sample import Sample
 from mmgpt.image_processor import ImageProcessor
-from mmgpt.prompts import render_prompt, render_target
+from mmgpt.prompts import encode_conversation
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and padding positions
 
@@ -18,9 +18,11 @@ IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and p
 class Collator:
     """Tokenize and pad a batch.
 
-    In ``"train"`` mode a row is ``prompt + target + eos``, right-padded, with ``labels`` equal to the ids on
-    the target and ``IGNORE_INDEX`` elsewhere (labels are *not* shifted; the loss shifts), and
-    ``prefix_lengths`` the prompt's length (images included), which a prefix-LM reads bidirectionally. In
+    Rows are the sample's conversation rendered by the tokenizer's chat template (``encode_conversation``). In
+    ``"train"`` mode a row is the whole conversation, right-padded, with ``labels`` equal to the ids on the
+    assistant turns (answer + end-of-turn) and ``IGNORE_INDEX`` elsewhere (labels are *not* shifted; the loss
+    shifts), and ``prefix_lengths`` the length before the first answer (images included), which a prefix-LM
+    reads bidirectionally. A turn that truncation would leave with no supervised token is an error. In
     ``"generate"`` mode a row is the prompt alone, left-padded, so that generation continues every row from the
     same slot.
 
@@ -44,27 +46,35 @@ class Collator:
         self.image_seq_len, self.max_length, self.mode = image_seq_len, max_length, mode
         self.pad_id = tokenizer.pad_token_id
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _row(self, s: Sample) -> tuple[list[int], list[int]]:
-        prompt = self._encode(render_prompt(s.prompt, int(s.image is not None), self.image_seq_len))
-        if len(prompt) > self.max_length or (self.mode == "train" and len(prompt) >= self.max_length):
+        ids, supervised, turns = encode_conversation(
+            self.tokenizer, s.conversation(with_answer=self.mode == "train"), self.image_seq_len,
+            add_generation_prompt=self.mode == "generate",
+        )
+        if self.mode == "generate":
+            if len(ids) > self.max_length:
+                raise ValueError(
+                    f"sample {s.id!r}: the prompt alone is {len(ids)} tokens (images included), more than "
+                    f"max_length={self.max_length}; raise data.max_length or shorten it"
+                )
+            return ids, []
+        if not turns:
+            raise ValueError(f"sample {s.id!r} has no assistant turn: there is nothing to learn from it")
+        if turns[0][0] >= self.max_length:
             raise ValueError(
-                f"sample {s.id!r}: the prompt alone is {len(prompt)} tokens (images included), which leaves no "
+                f"sample {s.id!r}: the prompt alone is {turns[0][0]} tokens (images included), which leaves no "
                 f"room for an answer within max_length={self.max_length}; raise data.max_length or shorten it"
             )
-        if self.mode == "generate":
-            return prompt, []
-        target = self._encode(render_target(s.target))
-        ids = (prompt + target)[: self.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + target)[: self.max_length]
-        if all(t == IGNORE_INDEX for t in labels[1:]):
-            # Position 0 is never predicted (the loss shifts), so a lone label there counts for nothing either.
-            raise ValueError(
-                f"sample {s.id!r} has no supervised tokens left after truncation to max_length={self.max_length} "
-                f"(prompt {len(prompt)} tokens, target {len(target)}); it would train on a zero loss"
-            )
+        for k, (start, end) in enumerate(turns):
+            # Position 0 is never predicted (the loss shifts), so a turn needs a token in [1, max_length).
+            if start >= self.max_length or end <= 1:
+                raise ValueError(
+                    f"sample {s.id!r}: assistant turn {k + 1} of {len(turns)} (tokens {start}..{end}) loses all its "
+                    f"supervised tokens to truncation at max_length={self.max_length}; it would train on a zero "
+                    f"loss for that turn. Raise data.max_length or split the conversation"
+                )
+        ids = ids[: self.max_length]
+        labels = [t if sup else IGNORE_INDEX for t, sup in zip(ids, supervised, strict=False)]
         return ids, labels
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
@@ -92,7 +102,10 @@ class Collator:
         if self.mode == "train":
             batch["labels"] = labels  # (B, T)
             # The prompt of every row starts at slot 0 and ends here: the prefix of decoder.attention="prefix".
-            batch["prefix_lengths"] = torch.tensor([lab.count(IGNORE_INDEX) for _, lab in rows])  # (B,)
+            # Everything before the first answer token; with several turns, later user turns stay causal.
+            batch["prefix_lengths"] = torch.tensor(
+                [next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows]
+            )  # (B,)
         else:
             batch["answers"] = [s.answers for s in samples]
             batch["qtypes"] = [s.qtype for s in samples]

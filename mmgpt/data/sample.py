@@ -7,6 +7,8 @@ from typing import Literal
 
 from PIL import Image
 
+from mmgpt.prompts import conversation
+
 Task = Literal["caption", "vqa", "text"]
 
 
@@ -23,6 +25,9 @@ class Sample:
         answers: every accepted reference answer (VQA soft score, several captions); defaults to ``[target]``.
         qtype: the question type (``"color"``, ``"shape"``, ``"count"``, ``"position"``, ``"yesno"``)
             so evaluation can report accuracy per type.
+        messages: a whole conversation (``[{"role": "user" | "assistant" | "system", "content": ...}]``, with
+            an ``<image>`` marker where the image goes) for multi-turn data; every assistant turn is supervised.
+            ``None`` means the single turn ``prompt`` -> ``target``.
     """
 
     prompt: str
@@ -32,7 +37,18 @@ class Sample:
     id: str = ""
     answers: list[str] = field(default_factory=list)
     qtype: str = ""
+    messages: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if not self.answers:
             self.answers = [self.target]
+
+    def conversation(self, with_answer: bool = True) -> list[dict[str, str]]:
+        """The sample as chat messages: the whole conversation, or (``with_answer=False``) what comes before
+        the first answer, to generate from."""
+        if self.messages is None:
+            return conversation(self.prompt, self.target if with_answer else None, int(self.image is not None))
+        if with_answer:
+            return self.messages
+        first = next((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), len(self.messages))
+        return self.messages[:first]

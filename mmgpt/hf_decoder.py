@@ -1,0 +1,139 @@
+"""Any local HF causal LM as mmgpt's decoder, driven through ``inputs_embeds``.
+
+``HFDecoder`` has the native ``Decoder``'s interface (``wte``, ``forward(..., input_pos, position_ids,
+attn_mask, logits_to_keep)``, ``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``), so the splice, the
+loss and the whole generation engine (left padding, sampling, beams, streaming) work unchanged on Llama, Qwen2,
+GPT-2 or any other ``AutoModelForCausalLM``. Masks still come from ``build_attention_mask``: HF models take a
+prepared 4-D mask as it is. The KV cache is HF's ``DynamicCache``; its ``reorder_cache`` keeps, repeats or
+reorders rows just like the native cache's ``select``.
+
+For a Llama-family LM, ``mmgpt.hf_llama`` converts the weights into the native decoder instead, which decodes
+faster; this path is for everything else and for using a checkpoint as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mmgpt.config import DecoderConfig
+from mmgpt.decoder import build_attention_mask
+
+
+def _from_pretrained_args(hf_path: str) -> tuple[str, dict[str, Any]]:
+    """``(directory, kwargs)`` for transformers' ``from_pretrained`` on a local directory or ``.gguf`` file."""
+    path = Path(hf_path)
+    if not path.exists():
+        raise FileNotFoundError(f"decoder.hf_path: no such directory or file {path} (only local paths are read)")
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name, "local_files_only": True}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"decoder.hf_path={path} is not a HF model directory: config.json is missing")
+    return str(path), {"local_files_only": True}
+
+
+def resolve_hf_config(config: DecoderConfig) -> DecoderConfig:
+    """Fill ``config.hf_config`` from ``config.hf_path``'s own config, so a saved model needs no ``hf_path``."""
+    from transformers import AutoConfig
+
+    directory, kwargs = _from_pretrained_args(config.hf_path)
+    hf = AutoConfig.from_pretrained(directory, **kwargs).to_dict()
+    hf.pop("quantization_config", None)  # a de-quantized GGUF is plain float weights
+    return DecoderConfig(**{**config.__dict__, "hf_config": hf})
+
+
+class HFDecoder(nn.Module):
+    """A transformers causal LM behind the native decoder's interface.
+
+    Built from ``config.hf_config`` with random weights; ``load_pretrained()`` then reads ``config.hf_path``
+    (training does this once; a saved mmgpt model carries the weights itself). The vocabulary is resized to
+    ``config.vocab_size`` (the LM's tokenizer plus ``<image>``).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if config.hf_config is None:
+            raise ValueError("HFDecoder needs decoder.hf_config: fill it with resolve_hf_config(config)")
+        hf = dict(config.hf_config)
+        hf_config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+        self.config = config
+        # SDPA: the 4-D masks built by build_attention_mask (boolean or additive) are passed through as they are.
+        self.model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        self._resize(self.model)
+        self.cache = None
+
+    def _resize(self, model: nn.Module) -> None:
+        if model.get_input_embeddings().num_embeddings != self.config.vocab_size:
+            # New rows (<image>) start at the mean of the old embeddings, as HF does: a sane scale, and the
+            # spliced image embeddings overwrite them anyway.
+            model.resize_token_embeddings(self.config.vocab_size, mean_resizing=True)
+
+    def load_pretrained(self) -> None:
+        """Load the pretrained weights from ``config.hf_path`` (a local directory or ``.gguf`` file)."""
+        from transformers import AutoModelForCausalLM
+
+        if not self.config.hf_path:
+            raise ValueError("decoder.hf_path is not set: nothing to load pretrained weights from")
+        directory, kwargs = _from_pretrained_args(self.config.hf_path)
+        pretrained = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        self._resize(pretrained)
+        self.model.load_state_dict(pretrained.state_dict())
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: int | None = None,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        from transformers import DynamicCache
+
+        # A DynamicCache grows as it is written; slots are always filled in order, so its length is the number
+        # of slots written, which is what the masks from build_attention_mask cover.
+        self.cache = DynamicCache(config=self.model.config)
+
+    def clear_kv_cache(self) -> None:
+        self.cache = None
+
+    def kv_cache_select(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)``; the arguments mean what they mean for ``Decoder.forward``."""
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx or inputs_embeds")
+        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+            position_ids = position_ids.unsqueeze(0).expand(B, T)
+        if input_pos is not None:
+            if self.cache is None:
+                raise RuntimeError("input_pos was given but no KV cache is set up; call set_kv_cache() first")
+            if attn_mask is None:
+                written = self.cache.get_seq_length() + T
+                attn_mask = build_attention_mask(torch.ones(1, written, dtype=torch.bool, device=x.device), input_pos)
+        out = self.model(
+            inputs_embeds=x, attention_mask=attn_mask, position_ids=position_ids,
+            past_key_values=self.cache if input_pos is not None else None, use_cache=input_pos is not None,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits
