@@ -13,6 +13,7 @@ faster; this path is for everything else and for using a checkpoint as it is.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from mmgpt.decoder import build_attention_mask
 
 def _from_pretrained_args(hf_path: str) -> tuple[str, dict[str, Any]]:
     """``(directory, kwargs)`` for transformers' ``from_pretrained`` on a local directory or ``.gguf`` file."""
-    path = Path(hf_path)
+    path = Path(hf_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"decoder.hf_path: no such directory or file {path} (only local paths are read)")
     if path.suffix == ".gguf":
@@ -66,6 +67,8 @@ class HFDecoder(nn.Module):
         self.model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
         self._resize(self.model)
         self.cache = None
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass it under the name it knows.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _resize(self, model: nn.Module) -> None:
         if model.get_input_embeddings().num_embeddings != self.config.vocab_size:
@@ -131,9 +134,9 @@ class HFDecoder(nn.Module):
             if attn_mask is None:
                 written = self.cache.get_seq_length() + T
                 attn_mask = build_attention_mask(torch.ones(1, written, dtype=torch.bool, device=x.device), input_pos)
+        cache = {self._cache_arg: self.cache} if input_pos is not None else {}
         out = self.model(
-            inputs_embeds=x, attention_mask=attn_mask, position_ids=position_ids,
-            past_key_values=self.cache if input_pos is not None else None, use_cache=input_pos is not None,
-            logits_to_keep=logits_to_keep,
+            inputs_embeds=x, attention_mask=attn_mask, position_ids=position_ids, use_cache=input_pos is not None,
+            logits_to_keep=logits_to_keep, **cache,
         )
         return out.logits

@@ -108,7 +108,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     Returns:
         A tokenizer with ``<image>``, a pad token, a chat template and left padding.
     """
-    path = Path(path) if path is not None else DEFAULT_TOKENIZER
+    path = Path(path).expanduser() if path is not None else DEFAULT_TOKENIZER
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")

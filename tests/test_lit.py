@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import TINY_YAML, cli, train_script
 
+import mmgpt
 from mmgpt.cli import MMGPTCLI
 from mmgpt.data.datamodule import DataSource, MMGPTDataModule
 from mmgpt.data.shapes import ShapesConfig
 from mmgpt.lit import MMGPTModule
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY_YAML = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture
@@ -150,23 +145,9 @@ def test_everything_frozen_raises(module):
 # CLI
 
 
-def cli(tmp_path, subcommand: str, *args: str) -> MMGPTCLI:
-    """Run the CLI in-process (what scripts/train.py does), quiet and writing under tmp_path."""
-    return MMGPTCLI(
-        MMGPTModule, MMGPTDataModule, save_config_kwargs={"overwrite": True},
-        args=[
-            subcommand, "--config", str(TINY_YAML), f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *args,
-        ],
-    )
-
-
 def test_train_script_fast_dev_run(tmp_path, tokenizer):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.fast_dev_run=true",
-         f"--trainer.default_root_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    proc = train_script(
+        "fit", "--config", "configs/tiny.yaml", "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -211,3 +192,60 @@ def test_fit_in_process_logs_finite_loss(tmp_path):
     assert run.trainer.global_step == 1
     assert math.isfinite(float(run.trainer.callback_metrics["train/loss"]))
     assert math.isfinite(float(run.trainer.callback_metrics["val/loss"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training stages: LoRA and init_from
+
+
+def one_step(m: MMGPTModule, tmp_path, checkpoint: bool = False) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=checkpoint, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(m, datamodule=tiny_data(m))
+    return trainer
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(module, tmp_path):
+    from mmgpt.lora import LoRAConfig
+
+    m = module(freeze_vision=True, freeze_projector=True, lora=LoRAConfig(r=4, alpha=8, dropout=0.0), lr=1e-2)
+    trainable = {n for n, p in m.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # Every linear layer of the decoder but the (tied) head is adapted: q/k/v, attention output, MLP in and out.
+    adapted = {n.split(".lora_")[0].split(".", 3)[-1] for n in trainable}
+    assert adapted == {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    one_step(m, tmp_path, checkpoint=True)
+    changed = {k for k, v in m.model.state_dict().items() if not torch.equal(v, before[k])}
+    # The adapters move (B from its zero init), the base weights do not.
+    assert changed == {k for k in before if "lora_" in k}
+    # A checkpoint trained with LoRA loads as a plain model with the adapters merged: the same logits.
+    m.eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    expected = m.model(ids)
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    loaded = mmgpt.load(ckpt)
+    assert not any("lora" in k for k in loaded.model.state_dict())
+    torch.testing.assert_close(loaded.model(ids), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(loaded.model(ids), module()(ids), atol=1e-4)  # the adapters did change the model
+
+
+def test_lora_with_frozen_decoder_is_an_error(module):
+    from mmgpt.lora import LoRAConfig
+
+    with pytest.raises(ValueError, match="cannot be combined with freeze_decoder"):
+        module(freeze_decoder=True, lora=LoRAConfig())
+
+
+def test_second_stage_starts_from_the_first(module, tmp_path):
+    stage1 = module(freeze_vision=True, freeze_decoder=True, lr=1e-2)
+    one_step(stage1, tmp_path, checkpoint=True)
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    torch.manual_seed(123)  # a different init, which init_from must overwrite
+    stage2 = module(init_from=str(ckpt), freeze_vision=True)
+    for (name, a), b in zip(stage1.model.state_dict().items(), stage2.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="init_from=.*do not fit"):
+        module(init_from=str(ckpt), decoder={"n_layer": 3})

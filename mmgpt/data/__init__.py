@@ -4,9 +4,9 @@ from mmgpt.data.collate import IGNORE_INDEX, Collator
 from mmgpt.data.datamodule import DataSource, MMGPTDataModule
 from mmgpt.data.sample import Sample
 from mmgpt.data.shapes import ShapesConfig, ShapesDataset
-from mmgpt.data.sources import CocoCaptions, Mixture, TextFile, VQAJsonl
+from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 
 __all__ = [
     "IGNORE_INDEX", "Collator", "DataSource", "MMGPTDataModule", "Sample", "ShapesConfig", "ShapesDataset",
-    "CocoCaptions", "Mixture", "TextFile", "VQAJsonl",
+    "CocoCaptions", "Conversations", "Mixture", "TextFile", "VQAJsonl",
 ]

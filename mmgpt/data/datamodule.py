@@ -10,7 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mmgpt.data.collate import Collator
 from mmgpt.data.shapes import ShapesConfig, ShapesDataset
-from mmgpt.data.sources import CocoCaptions, Mixture, TextFile, VQAJsonl
+from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 from mmgpt.image_processor import ImageProcessor
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -21,10 +21,11 @@ class DataSource:
 
     ``kind="shapes"`` needs nothing else (``size`` scenes of the split, generated on the fly); ``"coco"`` needs
     ``path`` (annotations JSON) and ``images`` (folder); ``"vqa"`` needs ``path`` (JSONL) and optionally
-    ``images`` (root for relative image paths); ``"text"`` needs ``path`` (.txt or .jsonl).
+    ``images`` (root for relative image paths); ``"text"`` needs ``path`` (.txt or .jsonl); ``"conversations"``
+    needs ``path`` (LLaVA-format .json/.jsonl) and optionally ``images``.
     """
 
-    kind: Literal["shapes", "coco", "vqa", "text"] = "shapes"
+    kind: Literal["shapes", "coco", "vqa", "text", "conversations"] = "shapes"
     path: str | None = None
     images: str | None = None
     # Relative sampling weight in a mixture of several sources.
@@ -49,6 +50,8 @@ class DataSource:
             return CocoCaptions(self.path, self.images)
         if self.kind == "vqa":
             return VQAJsonl(self.path, image_root=self.images)
+        if self.kind == "conversations":
+            return Conversations(self.path, image_root=self.images)
         return TextFile(self.path)
 
 

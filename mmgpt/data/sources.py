@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmgpt.data.sample import Sample
-from mmgpt.prompts import CAPTION_PROMPT
+from mmgpt.prompts import CAPTION_PROMPT, IMAGE
 
 # The instruction for raw text (a .txt line or a {"text": ...} record): the whole text is the target, so
 # every token of it is supervised, and the fixed prompt tells the model to write free text.
@@ -275,6 +275,77 @@ class TextFile(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         lineno, prompt, target = self.items[i]
         return Sample(prompt=prompt, target=target, image=None, task="text", id=f"{self.path.stem}/{lineno}")
+
+
+class Conversations(torch.utils.data.Dataset):
+    """Multi-turn conversations in LLaVA's JSON format, one sample per conversation.
+
+    The file is a JSON list (or JSONL, one record per line) of ``{"id"?: str, "image"?: path,
+    "conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}``. ``human`` is the user,
+    ``gpt`` the assistant; the ``<image>`` marker in a human turn says where the image goes (LLaVA's
+    convention), and with no marker the image goes before the first human turn. Every assistant turn is
+    supervised, nothing else is; a record must hold at least one. The first exchange fills ``prompt``/``target``
+    so evaluation can score it.
+
+    Args:
+        path: the ``.json`` or ``.jsonl`` file.
+        image_root: the folder image paths are relative to; default the file's folder.
+    """
+
+    EXPECTED = "{'image'?: str, 'conversations': [{'from': 'human'|'gpt'|'system', 'value': str}, ...]}"
+    ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        if self.path.suffix == ".jsonl":
+            records = [(f"{self.path} line {n}", r) for n, r in _read_jsonl(self.path)]
+        else:
+            data = _read_json(self.path)
+            if not isinstance(data, list):
+                raise ValueError(f"{self.path}: expected a JSON list of {self.EXPECTED}, got {type(data).__name__}")
+            records = [(f"{self.path} [{i}]", r) for i, r in enumerate(data)]
+        self.records = [self._parse(where, r, k) for k, (where, r) in enumerate(records)]
+
+    def _parse(self, where: str, record: Any, k: int) -> dict[str, Any]:
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise ValueError(f"{where}: missing list field 'conversations' (expected {self.EXPECTED})")
+        image = _string(record, "image", where, self.EXPECTED) if "image" in record else None
+        messages = []
+        for t, turn in enumerate(record["conversations"]):
+            at = f"{where} conversations[{t}]"
+            if not isinstance(turn, dict) or turn.get("from") not in self.ROLES:
+                raise ValueError(f"{at}: field 'from' must be one of {sorted(self.ROLES)}, got {turn!r}")
+            value = turn.get("value")
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{at}: field 'value' must be a non-empty string, got {value!r}")
+            messages.append({"role": self.ROLES[turn["from"]], "content": value.strip()})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: no 'gpt' turn, so nothing would be learned from it")
+        markers = sum(m["content"].count(IMAGE) for m in messages)
+        if image is None and markers:
+            raise ValueError(f"{where}: a turn holds {IMAGE} but the record has no 'image' field")
+        if image is not None and markers > 1:
+            raise ValueError(f"{where}: {markers} {IMAGE} markers for one image; expected at most one")
+        if image is not None and not markers:
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first] = {**messages[first], "content": IMAGE + messages[first]["content"]}
+        return {"id": str(record.get("id", f"{self.path.stem}/{k}")), "image": image, "messages": messages,
+                "where": where}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        r = self.records[i]
+        image = load_image(self.image_root / r["image"], f"{r['id']}, {r['where']}") if r["image"] else None
+        messages = r["messages"]
+        first = next(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = next((m["content"] for m in reversed(messages[:first]) if m["role"] == "user"), "")
+        return Sample(
+            prompt=prompt.replace(IMAGE, "").strip(), target=messages[first]["content"], image=image,
+            task="vqa" if image is not None else "text", id=r["id"], messages=messages,
+        )
 
 
 class Mixture(torch.utils.data.Dataset):

@@ -1,0 +1,187 @@
+"""Any local HF causal LM as the decoder: HF's own generate is the oracle, and so is the native decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_PROJECTOR, TINY_VISION
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.generation import generate
+from mmgpt.hf_decoder import HFDecoder
+from mmgpt.hf_llama import from_hf_llama_config, from_hf_llama_state_dict
+from mmgpt.model import MMGPT
+from mmgpt.pipeline import Pipeline
+from mmgpt.prompts import IMAGE, encode_conversation
+from mmgpt.tokenizer import load_tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the red circle is at the top left", "how many shapes are there", "a small blue square and a green triangle",
+    "what is the capital of france", "paris is the capital of france", "count from one to ten",
+] * 20
+PROMPTS = ["What color is the circle?", "Count.", "Tell me about the capital of France, please."]
+
+
+def _tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE that is *not* mmgpt's own: no <image>, no mmgpt chat markers."""
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(CORPUS, trainer=trainer)
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, bos_token="<|endoftext|>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def _hf_config(kind: str, vocab_size: int):
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        )
+    if kind == "qwen2":  # q/k/v biases and tied embeddings, unlike Llama
+        return Qwen2Config(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        )
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128)  # learned positions
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def lm_dir(request, tmp_path_factory):
+    """A tiny random HF causal LM with O(1) weights (so greedy output varies) and its tokenizer, on disk."""
+    kind = request.param
+    tok = _tokenizer(None if kind == "gpt2" else CHATML)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(_hf_config(kind, len(tok)))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.5 if "wpe" not in name else 0.1)
+    path = tmp_path_factory.mktemp(kind)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return kind, path
+
+
+def _mmgpt(path) -> Pipeline:
+    tok = load_tokenizer(path)
+    config = MMGPTConfig(
+        VisionConfig(**TINY_VISION), ProjectorConfig(**TINY_PROJECTOR),
+        DecoderConfig(vocab_size=len(tok), hf_path=str(path)), image_token_id=tok.convert_tokens_to_ids(IMAGE),
+    )
+    torch.manual_seed(0)
+    model = MMGPT(config)
+    model.decoder.load_pretrained()
+    return Pipeline(model, tok)
+
+
+def test_tokenizer_gains_image_token_and_keeps_its_template(lm_dir):
+    kind, path = lm_dir
+    tok = load_tokenizer(path)
+    assert tok.convert_tokens_to_ids(IMAGE) == len(tok) - 1  # added, as one special token
+    assert tok.tokenize(IMAGE * 3 + "hi")[:3] == [IMAGE] * 3
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("User: hi\nAssistant:" if kind == "gpt2" else chatml)
+
+
+def test_text_generation_equals_hf_generate(lm_dir):
+    # Three prompts of different lengths in one left-padded batch: mmgpt's engine on the HF model must produce
+    # exactly what HF's own generate produces on the very same weights.
+    _, path = lm_dir
+    pipe = _mmgpt(path)
+    ids, mask, _ = pipe.encode([None] * 3, PROMPTS)
+    assert (mask == 0).any()  # really padded
+    eos, pad = pipe.tokenizer.eos_token_id, pipe.tokenizer.pad_token_id
+    ours = generate(pipe.model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
+    hf = pipe.model.decoder.model
+    theirs = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )[:, ids.size(1) :]
+    theirs = torch.nn.functional.pad(theirs, (0, 12 - theirs.size(1)), value=pad)
+    assert torch.equal(ours, theirs), (ours, theirs)
+    assert len(set(ours.flatten().tolist())) > 3  # the model is lively: not one repeated token
+    # Batched equals one by one, and the KV cache equals re-running the whole sequence.
+    for i, prompt in enumerate(PROMPTS):
+        one_ids, one_mask, _ = pipe.encode([None], [prompt])
+        alone = generate(pipe.model, one_ids, one_mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
+        assert torch.equal(alone[0], ours[i])
+    uncached = generate(pipe.model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad, use_cache=False)
+    assert torch.equal(uncached, ours)
+
+
+def test_image_prompt_and_save_load(lm_dir, tmp_path):
+    kind, path = lm_dir
+    pipe = _mmgpt(path)
+    image = torch.rand(3, 32, 32)
+    answers = pipe.generate([image, None], ["What color is it?", "Count."], max_new_tokens=6)
+    assert all(isinstance(a, str) for a in answers)
+    ids, mask, pixels = pipe.encode([image], ["What color is it?"])
+    assert int((ids == pipe.model.config.image_token_id).sum()) == pipe.model.image_seq_len
+    before = pipe.model(ids, pixels)
+    # An exported model is self-contained: the LM's config travels in config.yaml, so the original directory
+    # is not needed to load it.
+    pipe.save_pretrained(tmp_path / "export")
+    for f in path.iterdir():
+        f.rename(tmp_path / f"moved_{f.name}")
+    try:
+        loaded = Pipeline.from_pretrained(tmp_path / "export")
+        assert isinstance(loaded.model.decoder, HFDecoder)
+        assert torch.equal(loaded.model(ids, pixels), before)
+        assert loaded.generate(image, "What color is it?", max_new_tokens=6) == answers[0]
+    finally:
+        for f in tmp_path.glob("moved_*"):
+            f.rename(path / f.name[len("moved_") :])
+
+
+def test_hf_llama_decoder_matches_native_decoder_with_images(tmp_path):
+    # The same Llama weights behind both decoders, images spliced in, prefix-LM mask included: equal logits.
+    tok = _tokenizer(CHATML)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(_hf_config("llama", len(tok) + 1))  # + <image>
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    parts = dict(vision=VisionConfig(**TINY_VISION), projector=ProjectorConfig(**TINY_PROJECTOR),
+                 image_token_id=tok.convert_tokens_to_ids(IMAGE))
+    hf_model = MMGPT(MMGPTConfig(decoder=DecoderConfig(vocab_size=len(tok), hf_path=str(tmp_path)), **parts))
+    hf_model.decoder.load_pretrained()
+    native_decoder = from_hf_llama_config(hf.config)
+    native = MMGPT(MMGPTConfig(decoder=native_decoder, **parts))
+    native.decoder.load_state_dict(from_hf_llama_state_dict(hf.state_dict(), native_decoder))
+    native.vision.load_state_dict(hf_model.vision.state_dict())
+    native.projector.load_state_dict(hf_model.projector.state_dict())
+    ids, supervised, _ = encode_conversation(
+        tok, [{"role": "user", "content": IMAGE + "What color?"}, {"role": "assistant", "content": "red"}],
+        hf_model.image_seq_len,
+    )
+    ids = torch.tensor([ids])
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(hf_model(ids, images), native(ids, images), atol=1e-5, rtol=1e-4)
+    prefix = torch.tensor([supervised.index(True)])
+    for m in (hf_model, native):
+        m.config.decoder.attention = "prefix"
+    torch.testing.assert_close(
+        hf_model(ids, images, prefix_lengths=prefix), native(ids, images, prefix_lengths=prefix), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_bad_hf_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="decoder.hf_path: no such directory"):
+        MMGPT(MMGPTConfig(decoder=DecoderConfig(vocab_size=10, hf_path=str(tmp_path / "nope")), image_token_id=1))
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        MMGPT(MMGPTConfig(decoder=DecoderConfig(vocab_size=10, hf_path=str(tmp_path)), image_token_id=1))
