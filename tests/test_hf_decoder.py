@@ -185,3 +185,40 @@ def test_bad_hf_path_is_a_clear_error(tmp_path):
         MMGPT(MMGPTConfig(decoder=DecoderConfig(vocab_size=10, hf_path=str(tmp_path / "nope")), image_token_id=1))
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         MMGPT(MMGPTConfig(decoder=DecoderConfig(vocab_size=10, hf_path=str(tmp_path)), image_token_id=1))
+
+
+def test_two_stage_recipe_configs_run_with_a_tiny_lm(tmp_path):
+    # configs/smollm2_shapes.yaml (stage 1, align) then configs/smollm2_shapes_instruct.yaml (stage 2, LoRA), as
+    # the README runs them, with a tiny random Llama standing in for SmolLM2.
+    import mmgpt
+    from conftest import ROOT, cli
+
+    lm = tmp_path / "lm"
+    tok = _tokenizer(CHATML)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_hf_config("llama", len(tok))).save_pretrained(lm)
+    tok.save_pretrained(lm)
+    small = [
+        f"--model.decoder.hf_path={lm}", f"--data.tokenizer={lm}", "--trainer.max_steps=1", "--trainer.logger=false",
+        "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--data.batch_size=2",
+        "--data.train=[{kind: shapes, size: 2}]", "--model.projector.hidden_dim=32",
+    ]
+    stage1 = cli(tmp_path / "align", "fit", *small, config=ROOT / "configs" / "smollm2_shapes.yaml")
+    pretrained = AutoModelForCausalLM.from_pretrained(lm).state_dict()
+    decoder = stage1.model.model.decoder.model.state_dict()
+    for k, v in pretrained.items():  # the LM is frozen in stage 1: still exactly the pretrained weights
+        assert torch.equal(decoder[k][: v.size(0)], v), k
+    assert all(not p.requires_grad for p in stage1.model.model.decoder.parameters())
+    ckpt = tmp_path / "align" / "checkpoints" / "last.ckpt"
+    stage2 = cli(
+        tmp_path / "instruct", "fit", "--config", str(ROOT / "configs" / "smollm2_shapes_instruct.yaml"), *small,
+        f"--model.init_from={ckpt}", f"--trainer.default_root_dir={tmp_path / 'instruct'}",
+        config=ROOT / "configs" / "smollm2_shapes.yaml",
+    )
+    trainable = {n.split(".")[0] for n, p in stage2.model.model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector", "decoder"}
+    assert all("lora_" in n for n, p in stage2.model.model.decoder.named_parameters() if p.requires_grad)
+    # The stage-2 checkpoint loads as a plain model (adapters merged) that still knows stage 1's projector start.
+    final = mmgpt.load(tmp_path / "instruct" / "checkpoints" / "last.ckpt")
+    assert not any("lora" in k for k in final.model.state_dict())
+    assert isinstance(final.generate(torch.rand(3, 48, 48), "What color is it?", max_new_tokens=3), str)
