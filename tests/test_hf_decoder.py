@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_PROJECTOR, TINY_VISION
+from conftest import ROOT, TINY_PROJECTOR, TINY_VISION, cli
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
+import mmgpt
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.generation import generate
 from mmgpt.hf_decoder import HFDecoder
@@ -190,9 +191,6 @@ def test_bad_hf_path_is_a_clear_error(tmp_path):
 def test_two_stage_recipe_configs_run_with_a_tiny_lm(tmp_path):
     # configs/smollm2_shapes.yaml (stage 1, align) then configs/smollm2_shapes_instruct.yaml (stage 2, LoRA), as
     # the README runs them, with a tiny random Llama standing in for SmolLM2.
-    import mmgpt
-    from conftest import ROOT, cli
-
     lm = tmp_path / "lm"
     tok = _tokenizer(CHATML)
     torch.manual_seed(0)
