@@ -51,6 +51,43 @@ def from_hf_llama_config(hf_config) -> DecoderConfig:
     )
 
 
+def check_hf_llama_config(hf_config, where: str = "config") -> None:
+    """Raise unless ``hf_config`` is a Llama that the native decoder reproduces exactly.
+
+    ``from_hf_llama_config`` reads only the sizes; this checks the rest, which the native decoder fixes: SiLU
+    SwiGLU, no biases, plain RoPE, head size ``hidden_size / num_attention_heads``.
+
+    Args:
+        hf_config: a ``transformers.LlamaConfig`` (or a config of another ``model_type``, which is rejected).
+        where: how to name the config in the error, e.g. ``"text_config"`` inside a LLaVA config.
+
+    Raises:
+        ValueError: naming every field that does not fit, with the value the native decoder needs.
+    """
+    problems = []
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "llama":
+        problems.append(f"{where}.model_type={model_type!r} (expected 'llama')")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        problems.append(f"{where}.hidden_act={hf_config.hidden_act!r} (expected 'silu': the decoder is SwiGLU)")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, name, False):
+            problems.append(f"{where}.{name}=True (expected False: the native decoder has no biases)")
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
+        problems.append(
+            f"{where}.head_dim={head_dim} (expected hidden_size / num_attention_heads = "
+            f"{hf_config.hidden_size // hf_config.num_attention_heads})"
+        )
+    # transformers >= 5 keeps the RoPE variant in rope_parameters; older versions in rope_scaling (None = plain).
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"{where} RoPE type {rope_type!r} (expected 'default': no RoPE scaling)")
+    if problems:
+        raise ValueError("the Llama config does not fit mmgpt's decoder: " + "; ".join(problems))
+
+
 def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor], config: DecoderConfig) -> dict[str, torch.Tensor]:
     """Native decoder state dict (keys relative to the decoder) -> ``LlamaForCausalLM`` state dict."""
     hs = config.head_size
