@@ -28,19 +28,24 @@ def _from_dict(cls, d: dict[str, Any], where: str):
 
 @dataclass
 class VisionConfig:
-    """The image encoder: any timm ViT, reached only through timm's public API."""
+    """The image encoder: any timm ViT or CNN, reached only through timm's public API."""
 
     # Any timm model name; the default is the smallest standard ViT so a fresh install trains on a CPU.
     name: str = "vit_tiny_patch16_224"
     # Input resolution; overriding timm's default lets a ViT-Tiny run at 64 px on a laptop.
     img_size: int = 64
-    # Patch size override (None keeps the model's own); 8 px patches at 64 px give an 8x8 grid.
+    # ViT patch size override (None keeps the model's own); 8 px patches at 64 px give an 8x8 grid.
+    # Must be None for a CNN, whose strides set its grid.
     patch_size: int | None = 8
     # Extra keyword arguments for timm.create_model (depth, embed_dim, num_heads, ...).
     overrides: dict[str, Any] = field(default_factory=dict)
-    # Local timm checkpoint file (.safetensors/.pth); nothing is ever downloaded.
+    # Local timm checkpoint file (.safetensors/.pth, loaded strictly; a classifier head is dropped); nothing is
+    # ever downloaded.
     checkpoint_path: str | None = None
-    # Which block's output to use. -2 (penultimate) as LLaVA: the last block is tuned for the CLS head.
+    # Which level of timm's forward_intermediates to use (an index into model.feature_info; -1 = the last).
+    # ViT: a block; -2 (penultimate) as LLaVA, the last block is tuned for the CLS head.
+    # CNN: a stage; ResNet/EfficientNet have 5 (strides 2, 4, 8, 16, 32), so -2 is the stride-16 map and -1
+    # the deepest, stride-32 one (fewer, wider tokens).
     feature_layer: int = -2
 
 
@@ -93,11 +98,15 @@ class DecoderConfig:
     # That LM's config (config.json as a dict), filled in from hf_path: a saved model rebuilds its decoder from
     # this alone, without hf_path.
     hf_config: dict[str, Any] | None = None
+    # With hf_path: convert a Llama-family LM (Llama, SmolLM2, ...) into the native decoder instead of running it
+    # through transformers: the same outputs, a leaner and faster decode step. The native fields above are then
+    # filled from its config.
+    hf_native: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"decoder.attention={self.attention!r} is not one of {list(ATTENTION_MODES)}")
-        if self.hf_config is not None:
+        if self.hf_config is not None and not self.hf_native:
             # The projector writes into the LM's embedding space; generation stays within its context length.
             text = self.hf_config.get("text_config") or self.hf_config
             self.n_embd = text.get("hidden_size") or text["n_embd"]
@@ -120,7 +129,7 @@ class DecoderConfig:
     @property
     def is_hf(self) -> bool:
         """True when the decoder is a transformers model (``hf_path``/``hf_config``), not the native one."""
-        return self.hf_path is not None or self.hf_config is not None
+        return (self.hf_path is not None or self.hf_config is not None) and not self.hf_native
 
     @property
     def head_size(self) -> int:

@@ -223,6 +223,13 @@ class Decoder(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def load_pretrained(self) -> None:
+        """Load the Llama-family LM at ``config.hf_path`` (``decoder.hf_native``), converted to this layout."""
+        from mmgpt.hf_decoder import load_pretrained_lm
+        from mmgpt.hf_llama import from_hf_llama_state_dict
+
+        self.load_state_dict(from_hf_llama_state_dict(load_pretrained_lm(self.config).state_dict(), self.config))
+
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint every block while training (HF's name for the switch)."""
         self.gradient_checkpointing = True

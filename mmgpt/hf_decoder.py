@@ -37,13 +37,40 @@ def _from_pretrained_args(hf_path: str) -> tuple[str, dict[str, Any]]:
 
 
 def resolve_hf_config(config: DecoderConfig) -> DecoderConfig:
-    """Fill ``config.hf_config`` from ``config.hf_path``'s own config, so a saved model needs no ``hf_path``."""
+    """Fill ``config.hf_config`` from ``config.hf_path``'s own config, so a saved model needs no ``hf_path``.
+
+    With ``hf_native``, the native decoder's sizes come from it too (a Llama-family config is required).
+    """
     from transformers import AutoConfig
 
+    from mmgpt.hf_llama import check_hf_llama_config, from_hf_llama_config
+
     directory, kwargs = _from_pretrained_args(config.hf_path)
-    hf = AutoConfig.from_pretrained(directory, **kwargs).to_dict()
+    hf_config = AutoConfig.from_pretrained(directory, **kwargs)
+    hf = hf_config.to_dict()
     hf.pop("quantization_config", None)  # a de-quantized GGUF is plain float weights
-    return DecoderConfig(**{**config.__dict__, "hf_config": hf})
+    fields = {**config.__dict__, "hf_config": hf}
+    if config.hf_native:
+        check_hf_llama_config(hf_config, where=f"decoder.hf_path={config.hf_path}")
+        native = from_hf_llama_config(hf_config)
+        sizes = ("block_size", "n_layer", "n_head", "n_query_groups", "n_embd", "intermediate_size", "rope_base",
+                 "norm_eps", "tie_embeddings")
+        fields.update({name: getattr(native, name) for name in sizes})
+    return DecoderConfig(**fields)
+
+
+def load_pretrained_lm(config: DecoderConfig) -> nn.Module:
+    """The pretrained ``AutoModelForCausalLM`` at ``config.hf_path``, float32, its vocabulary resized to
+    ``config.vocab_size`` (new rows, i.e. ``<image>``, at the mean of the old ones, as HF does)."""
+    from transformers import AutoModelForCausalLM
+
+    if not config.hf_path:
+        raise ValueError("decoder.hf_path is not set: nothing to load pretrained weights from")
+    directory, kwargs = _from_pretrained_args(config.hf_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    if model.get_input_embeddings().num_embeddings != config.vocab_size:
+        model.resize_token_embeddings(config.vocab_size, mean_resizing=True)
+    return model
 
 
 class HFDecoder(nn.Module):
@@ -65,27 +92,15 @@ class HFDecoder(nn.Module):
         self.config = config
         # SDPA: the 4-D masks built by build_attention_mask (boolean or additive) are passed through as they are.
         self.model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
-        self._resize(self.model)
+        if self.model.get_input_embeddings().num_embeddings != config.vocab_size:
+            self.model.resize_token_embeddings(config.vocab_size, mean_resizing=False)  # weights come later
         self.cache = None
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass it under the name it knows.
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
-    def _resize(self, model: nn.Module) -> None:
-        if model.get_input_embeddings().num_embeddings != self.config.vocab_size:
-            # New rows (<image>) start at the mean of the old embeddings, as HF does: a sane scale, and the
-            # spliced image embeddings overwrite them anyway.
-            model.resize_token_embeddings(self.config.vocab_size, mean_resizing=True)
-
     def load_pretrained(self) -> None:
         """Load the pretrained weights from ``config.hf_path`` (a local directory or ``.gguf`` file)."""
-        from transformers import AutoModelForCausalLM
-
-        if not self.config.hf_path:
-            raise ValueError("decoder.hf_path is not set: nothing to load pretrained weights from")
-        directory, kwargs = _from_pretrained_args(self.config.hf_path)
-        pretrained = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
-        self._resize(pretrained)
-        self.model.load_state_dict(pretrained.state_dict())
+        self.model.load_state_dict(load_pretrained_lm(self.config).state_dict())
 
     @property
     def wte(self) -> nn.Embedding:

@@ -220,3 +220,43 @@ def test_two_stage_recipe_configs_run_with_a_tiny_lm(tmp_path):
     final = mmgpt.load(tmp_path / "instruct" / "checkpoints" / "last.ckpt")
     assert not any("lora" in k for k in final.model.state_dict())
     assert isinstance(final.generate(torch.rand(3, 48, 48), "What color is it?", max_new_tokens=3), str)
+
+
+def test_hf_native_converts_a_llama_into_the_native_decoder(tmp_path):
+    # decoder.hf_native: the pretrained Llama runs as mmgpt's own decoder, with HF's generate as the oracle.
+    from mmgpt.decoder import Decoder
+
+    tok = _tokenizer(CHATML)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(_hf_config("llama", len(tok)))
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    config = MMGPTConfig(
+        VisionConfig(**TINY_VISION), ProjectorConfig(**TINY_PROJECTOR),
+        DecoderConfig(vocab_size=len(tok), hf_path=str(tmp_path), hf_native=True),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+    )
+    model = MMGPT(config)
+    model.decoder.load_pretrained()
+    assert type(model.decoder) is Decoder
+    assert (model.config.decoder.n_layer, model.config.decoder.n_query_groups) == (2, 2)
+    pipe = Pipeline(model, tok)
+    ids, mask, _ = pipe.encode([None] * 3, PROMPTS)
+    eos = tok.eos_token_id
+    ours = generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    hf.resize_token_embeddings(len(tok))  # + <image>, given the very row mmgpt added
+    hf.get_input_embeddings().weight.data[-1] = model.decoder.wte.weight[-1]
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id)[:, ids.size(1):]
+    theirs = torch.nn.functional.pad(theirs, (0, 10 - theirs.size(1)), value=tok.pad_token_id)
+    assert torch.equal(ours, theirs)
+    # A Qwen2 (q/k/v biases) cannot be expressed natively: a clear error, not wrong outputs.
+    qwen = tmp_path / "qwen"
+    AutoModelForCausalLM.from_config(_hf_config("qwen2", len(tok))).save_pretrained(qwen)
+    with pytest.raises(ValueError, match="model_type='qwen2'"):
+        MMGPT(config.replace(decoder=DecoderConfig(vocab_size=len(tok), hf_path=str(qwen), hf_native=True)))
