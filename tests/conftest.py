@@ -3,6 +3,11 @@ and one short training run whose checkpoint several test files load."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +24,9 @@ TINY_VISION = dict(
 )
 TINY_PROJECTOR = dict(pixel_shuffle=2)
 TINY_DECODER = dict(block_size=128, n_layer=2, n_head=4, n_query_groups=2, n_embd=32)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_YAML = ROOT / "configs" / "tiny.yaml"
 
 # Test-sized matmuls gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's thread barriers
 # make each one ~1000x slower (15 ms instead of 15 us).
@@ -120,3 +128,29 @@ def trained(tmp_path_factory):
     # The checkpoint Lightning's ModelCheckpoint wrote at the end of the run (optimizer state and all).
     (ckpt,) = (root / "checkpoints").glob("*.ckpt")
     return module.eval(), ckpt
+
+
+def cli(tmp_path, subcommand: str, *args: str, config: Path = TINY_YAML):
+    """Run the CLI in-process (what scripts/train.py does), quiet and writing under tmp_path."""
+    from mmgpt.cli import MMGPTCLI
+    from mmgpt.data.datamodule import MMGPTDataModule
+    from mmgpt.lit import MMGPTModule
+
+    return MMGPTCLI(
+        MMGPTModule, MMGPTDataModule, save_config_kwargs={"overwrite": True},
+        args=[
+            subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *args,
+        ],
+    )
+
+
+def train_script(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python scripts/train.py ARGS`` in a fresh process (needed where Lightning launches processes itself).
+
+    One OpenMP thread per process, for the reason ``torch.set_num_threads(1)`` is set above.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
