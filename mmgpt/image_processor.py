@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+
+# The interpolations timm's data configs name, as PIL resampling filters (F.interpolate takes the same names).
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 @dataclass
@@ -17,12 +20,20 @@ class ImageProcessor:
     """Resize to a square and normalize, with the numbers timm's data config gives for the backbone.
 
     The whole image is resized (no center crop): in captioning and VQA a shape near the border matters as
-    much as one in the middle.
+    much as one in the middle. Photos are turned upright by their EXIF orientation first, as a viewer shows them.
     """
 
     img_size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # The backbone's resampling filter (timm's data config: "bicubic" for most models, "bilinear" for some CNNs).
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _PIL_FILTERS:
+            raise ValueError(
+                f"ImageProcessor.interpolation={self.interpolation!r} is not one of {sorted(_PIL_FILTERS)}"
+            )
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         """Process one image.
@@ -39,11 +50,14 @@ class ImageProcessor:
                 raise FileNotFoundError(f"image file not found: {path}")
             try:
                 with Image.open(path) as im:
-                    image = im.convert("RGB")
+                    image = ImageOps.exif_transpose(im)  # a loaded copy, so it outlives the file
             except OSError as e:
                 raise ValueError(f"{path}: cannot read as an image ({e})") from e
         if isinstance(image, Image.Image):
-            image = image.convert("RGB").resize((self.img_size, self.img_size), Image.BICUBIC)
+            # A phone photo is stored sideways with an EXIF tag saying how to turn it; "the object on the left"
+            # must mean the left of the picture as seen. No-op for images without the tag.
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = image.resize((self.img_size, self.img_size), _PIL_FILTERS[self.interpolation])
             x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
             x = x.view(self.img_size, self.img_size, 3).permute(2, 0, 1).float() / 255.0  # (3, H, W)
         elif isinstance(image, torch.Tensor):
@@ -51,7 +65,12 @@ class ImageProcessor:
                 raise ValueError(f"an image tensor must have shape (3, H, W), got {tuple(image.shape)}")
             x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
             if x.shape[-2:] != (self.img_size, self.img_size):
-                x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bicubic", antialias=True)[0]
+                mode = self.interpolation
+                # Antialiasing as PIL does when shrinking (nearest has none); clamping as PIL's uint8 output does,
+                # since bicubic overshoots at sharp edges.
+                x = F.interpolate(
+                    x[None], size=(self.img_size, self.img_size), mode=mode, antialias=mode != "nearest"
+                )[0].clamp(0.0, 1.0)
         else:
             raise TypeError(f"expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
