@@ -9,6 +9,7 @@ An exported directory is self-contained and loads without executing code::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ class Pipeline:
             config_file = path / CONFIG_FILE
             if not config_file.is_file():
                 raise FileNotFoundError(f"{path} is not an exported mmgpt model: {CONFIG_FILE} is missing")
-            model = MMGPT(MMGPTConfig.from_yaml(config_file))
+            model = _model_for_weights(MMGPTConfig.from_yaml(config_file))
             weights = path / WEIGHTS_FILE
             if not weights.is_file():
                 raise FileNotFoundError(f"{path} is not an exported mmgpt model: {WEIGHTS_FILE} is missing")
@@ -94,7 +95,9 @@ class Pipeline:
         """Write config, safetensors weights and tokenizer to directory ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_yaml(path / CONFIG_FILE)
+        # Self-contained: the weights are all in model.safetensors, so no original checkpoint file is referenced.
+        config = self.model.config
+        config.replace(vision=dataclasses.replace(config.vision, checkpoint_path=None)).save_yaml(path / CONFIG_FILE)
         save_model(self.model, str(path / WEIGHTS_FILE))  # handles the tied embedding/lm_head weights
         self.tokenizer.save_pretrained(path)
 
@@ -301,6 +304,12 @@ def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device | str 
     return ids.to(device), mask.to(device)
 
 
+def _model_for_weights(config: MMGPTConfig) -> MMGPT:
+    """A model to load saved weights into: the vision tower's original checkpoint file is not read (the saved
+    weights replace it, and an exported model must load where that file does not exist)."""
+    return MMGPT(config.replace(vision=dataclasses.replace(config.vision, checkpoint_path=None)))
+
+
 def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrainedTokenizerFast]:
     # weights_only=True: a checkpoint is data; loading it must never run code from the file.
     try:
@@ -310,7 +319,7 @@ def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrai
     if not isinstance(ckpt, dict) or CKPT_CONFIG_KEY not in ckpt or CKPT_TOKENIZER_KEY not in ckpt:
         raise ValueError(f"{path}: not an mmgpt training checkpoint (no model config or tokenizer inside)")
     config = MMGPTConfig.from_dict(ckpt[CKPT_CONFIG_KEY])
-    model = MMGPT(config)
+    model = _model_for_weights(config)
     if ckpt.get(CKPT_LORA_KEY):
         apply_lora(model.decoder, LoRAConfig(**ckpt[CKPT_LORA_KEY]))
     prefix = "model."

@@ -486,3 +486,21 @@ def test_convert_script_writes_a_vision_checkpoint(tmp_path, monkeypatch, lite0,
     monkeypatch.setattr("sys.argv", ["convert_efficientnet_lite0.py", "--out", str(tmp_path / "lite0.pth")])
     with pytest.raises(SystemExit):
         runpy.run_path(str(ROOT / "scripts" / "convert_efficientnet_lite0.py"), run_name="__main__")
+
+
+def test_exported_model_does_not_need_the_vision_checkpoint_file(tmp_path, tiny_config, tokenizer):
+    # The saved weights hold the tower: neither save_pretrained nor a training checkpoint may re-read the file.
+    from mmgpt.model import MMGPT
+    from mmgpt.pipeline import Pipeline
+
+    torch.manual_seed(1)
+    path = save(timm_vit(num_classes=0).state_dict(), tmp_path / "vit.safetensors")
+    vision = dataclasses.replace(tiny_config.vision, checkpoint_path=str(path), feature_layer=-1)
+    model = MMGPT(tiny_config.replace(vision=vision)).eval()
+    Pipeline(model, tokenizer).save_pretrained(tmp_path / "export")
+    path.unlink()
+    loaded = Pipeline.from_pretrained(tmp_path / "export")
+    ids = torch.tensor([[1] + [tiny_config.image_token_id] * model.image_seq_len + [5, 6]])
+    x = images()[:1]
+    assert torch.equal(loaded.model(ids, x), model(ids, x))
+    assert loaded.model.config.vision.checkpoint_path is None
