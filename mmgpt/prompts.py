@@ -88,15 +88,20 @@ def encode_conversation(
     for i, m in enumerate(expanded):
         if m["role"] != "assistant":
             continue
-        before, through = render(expanded[:i], True), render(expanded[: i + 1], False)
+        before = render(expanded[:i], True)
+        # The last turn, without a generation prompt after it, ends the text already rendered: no third render.
+        last = i == len(expanded) - 1 and not add_generation_prompt
+        through = text if last else render(expanded[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(
                 "the tokenizer's chat template renders a conversation differently from its own beginning "
                 f"(turn {i}), so the assistant turns cannot be located; use a prefix-consistent template"
             )
         char_spans.append((len(before), len(through)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # The fast tokenizer's backend directly: the same ids and offsets at half the cost of the Python wrapper, which
+    # matters because the training collator calls this for every sample.
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
     supervised, turns = [False] * len(ids), []
     for start, end in char_spans:
         # A token belongs to the turn its first character is in.
