@@ -16,10 +16,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 import mmgpt
-from mmgpt.data.shapes import ShapesDataset, caption, render_scene
+from mmgpt.data.shapes import ShapesConfig, ShapesDataset, caption, render_scene
 from mmgpt.metrics import exact_match
 
-SCALE = 3  # scenes are 64 px; upscale with nearest neighbour so they read at README size
+DISPLAY = 192  # scenes are rendered at the model's input size (tens of px); upscaled, nearest, to read in a README
 
 
 def main() -> None:
@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     args = parser.parse_args()
     pipe = mmgpt.load(args.model)
-    ds = ShapesDataset("test", size=args.n, qa_per_scene=3)
+    # Rendered at the model's own input size, as in training: no resampling blur between the picture and the model.
+    ds = ShapesDataset("test", size=args.n, config=ShapesConfig(image_size=pipe.processor.img_size), qa_per_scene=3)
     args.out.mkdir(parents=True, exist_ok=True)
     font = ImageFont.load_default(size=14)
     examples, panels = [], []
@@ -47,7 +48,8 @@ def main() -> None:
             "file": f"{i}.png", "caption": caption(scene),
             "questions": [{"question": qa.question, "answer": qa.answer, "qtype": qa.qtype} for qa in qas],
         })
-        big = image.resize((image.width * SCALE, image.height * SCALE), Image.NEAREST)
+        scale = max(1, DISPLAY // image.width)
+        big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
         panel = Image.new("RGB", (big.width + 560, big.height + 8), "white")
         panel.paste(big, (4, 4))
         draw = ImageDraw.Draw(panel)
