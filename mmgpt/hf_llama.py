@@ -6,9 +6,13 @@ layout, so weights move across by concatenation/splitting only — no permutatio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from mmgpt.config import DecoderConfig
+from mmgpt.decoder import Decoder
 
 
 def to_hf_llama_config(config: DecoderConfig, **extra):
@@ -128,3 +132,33 @@ def from_hf_llama_state_dict(hf: dict[str, torch.Tensor], config: DecoderConfig)
             p + "mlp.proj.weight": hf[h + "mlp.down_proj.weight"],
         })
     return out
+
+
+def load_hf_llama_decoder(path: str | Path, dtype: torch.dtype | None = None) -> Decoder:
+    """A native ``Decoder`` with the weights of an HF Llama-family directory (``config.json`` + safetensors).
+
+    Reads the safetensors directly, without building the HF model (``decoder.hf_native`` goes through
+    ``AutoModelForCausalLM`` instead, which also takes ``.gguf`` files and resizes the vocabulary for training).
+
+    Args:
+        path: a directory as ``LlamaForCausalLM.save_pretrained`` writes it (one or several ``*.safetensors``).
+        dtype: cast the weights to this dtype; ``None`` keeps the file's.
+
+    Returns:
+        The decoder, in eval mode.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
+        raise FileNotFoundError(f"{path}: expected an HF model directory with config.json and *.safetensors")
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_hf_llama_config(hf_config, where=f"{path}/config.json")
+    config = from_hf_llama_config(hf_config)
+    hf_state = {}
+    for f in files:
+        hf_state.update(load_file(f))
+    decoder = Decoder(config)
+    decoder.load_state_dict(from_hf_llama_state_dict(hf_state, config))
+    return decoder.to(dtype).eval() if dtype is not None else decoder.eval()
