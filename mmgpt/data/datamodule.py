@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mmgpt.data.collate import Collator
+from mmgpt.data.length_grouped import LengthGroupedSampler
 from mmgpt.data.shapes import ShapesConfig, ShapesDataset
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 from mmgpt.image_processor import ImageProcessor
@@ -74,7 +75,10 @@ class MMGPTDataModule(L.LightningDataModule):
         max_length: longest sequence in tokens, image placeholders included.
         num_workers: dataloader worker processes; 0 loads in the main process.
         mixture_length: samples per epoch of a weighted mixture (default: the sources' total length).
-        seed: seeds the mixture's draws.
+        seed: seeds the mixture's draws (and the length-grouped order).
+        group_by_length: batch training samples of similar length together (HF Trainer's ``group_by_length``):
+            rows are padded to their batch's longest, so mixed batches of long captions and short answers spend
+            about half of each step on padding. Needs sources that estimate lengths (shapes does).
         processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders.
     """
 
@@ -90,6 +94,7 @@ class MMGPTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         mixture_length: int | None = None,
         seed: int = 0,
+        group_by_length: bool = False,
         processor: ImageProcessor | None = None,
         image_seq_len: int | None = None,
     ) -> None:
@@ -102,7 +107,7 @@ class MMGPTDataModule(L.LightningDataModule):
         }
         self.shapes = shapes or ShapesConfig()
         self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
-        self.mixture_length, self.seed = mixture_length, seed
+        self.mixture_length, self.seed, self.group_by_length = mixture_length, seed, group_by_length
         self.processor, self.image_seq_len = processor, image_seq_len
         self.tokenizer = load_tokenizer(tokenizer)
         self.datasets: dict[str, Dataset] = {}
@@ -132,14 +137,27 @@ class MMGPTDataModule(L.LightningDataModule):
             )
         return Collator(self.tokenizer, self.processor, self.image_seq_len, self.max_length, mode)
 
-    def _loader(self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train") -> DataLoader:
+    def _loader(
+        self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train", sampler=None
+    ) -> DataLoader:
         return DataLoader(
-            self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=self.collator(mode), persistent_workers=self.num_workers > 0,
+            self.dataset(split), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+            sampler=sampler, num_workers=self.num_workers, collate_fn=self.collator(mode),
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if not self.group_by_length:
+            return self._loader("train", shuffle=True)
+        dataset = self.dataset("train")
+        if not hasattr(dataset, "lengths"):
+            raise ValueError(
+                f"data.group_by_length needs length estimates, which {type(dataset).__name__} does not give "
+                f"(shapes sources and mixtures of them do); set data.group_by_length=false"
+            )
+        return self._loader("train", shuffle=True, sampler=LengthGroupedSampler(
+            dataset.lengths(), self.batch_size, seed=self.seed
+        ))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

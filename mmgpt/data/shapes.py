@@ -484,6 +484,22 @@ class ShapesDataset(torch.utils.data.Dataset):
             self.scene(scene_index), self._rng(scene_index, "qa"), self.config, self.qa_per_scene
         )
 
+    def lengths(self) -> list[int]:
+        """Characters of prompt + answer per index, without drawing any image (for length-grouped batching)."""
+        out = []
+        for s in range(self.size):
+            scene, qas = self.scene(s), self.questions(s) if self.qa_per_scene else []
+            for k, slot in enumerate(self.slots):
+                if slot == "cap":
+                    out.append(len(CAPTION_PROMPT) + len(caption(scene)))
+                elif slot.startswith("q"):
+                    qa = qas[int(slot[1:]) % len(qas)]
+                    out.append(len(qa.question) + len(qa.answer))
+                else:  # a text sample draws no image: build it
+                    sample = self[s * len(self.slots) + k]
+                    out.append(len(sample.prompt) + len(sample.target))
+        return out
+
     def __getitem__(self, index: int) -> Sample:
         if index < 0:
             index += len(self)

@@ -412,3 +412,8 @@ class Mixture(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Any:
         k, j = self.locate(i)
         return self.datasets[k][j]
+
+    def lengths(self) -> list[int]:
+        """Each index's length estimate, from its source's ``lengths()`` (for length-grouped batching)."""
+        per_source = {k: self.datasets[k].lengths() for k in set(self.sources)}
+        return [per_source[k][j] for k, j in zip(self.sources, self.items, strict=True)]
