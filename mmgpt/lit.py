@@ -58,6 +58,10 @@ class MMGPTModule(L.LightningModule):
             training stage starts from the first; unlike ``ckpt_path`` it does not resume the optimizer or step.
         lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
             weights when the model is loaded for inference or exported.
+        loss_weighting: ``"token"`` (the default, as LLaVA and HF): the training loss is the mean over every
+            supervised token of the global batch, so a 25-token caption outweighs a one-word answer 25 to 1.
+            ``"sample"``: the mean over samples of each one's token mean, so short answers (VQA) get an equal say.
+            Validation loss and perplexity are always per token.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class MMGPTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         lora: LoRAConfig | None = None,
+        loss_weighting: str = "token",
     ) -> None:
         super().__init__()
         vision, projector = _as(VisionConfig, vision), _as(ProjectorConfig, projector)
@@ -94,6 +99,8 @@ class MMGPTModule(L.LightningModule):
             vision=asdict(vision), projector=asdict(projector), decoder=asdict(decoder),
             lora=asdict(lora) if lora else None,
         )
+        if loss_weighting not in ("token", "sample"):
+            raise ValueError(f"loss_weighting={loss_weighting!r}; expected 'token' or 'sample'")
         if lora is not None and freeze_decoder:
             raise ValueError("lora trains adapters in the decoder: it cannot be combined with freeze_decoder=true")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -127,16 +134,23 @@ class MMGPTModule(L.LightningModule):
     def forward(self, input_ids, images=None, **kwargs):
         return self.model(input_ids, images, **kwargs)
 
-    def summed_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy summed over supervised tokens, and their count."""
+    def summed_loss(self, batch: dict, per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy summed over the units of ``per``, and how many units there are.
+
+        ``per="token"``: the sum over supervised tokens and their count. ``per="sample"``: each row's mean over
+        its supervised tokens, summed over rows, and the number of rows: every sample weighs the same, however
+        long its answer.
+        """
         # prefix_lengths: where image + prompt end, for decoder.attention="prefix" (ignored when causal).
         logits = self.model(batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"))
-        labels = batch["labels"][:, 1:]  # position t predicts token t+1
-        n_tokens = (labels != IGNORE_INDEX).sum()
-        total = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return total, n_tokens
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        token_loss = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1), 0 where ignored
+        n_tokens = (labels != IGNORE_INDEX).sum(dim=1)  # (B,)
+        if per == "sample":
+            return (token_loss.sum(dim=1) / n_tokens.clamp(min=1)).sum(), (n_tokens > 0).sum()
+        return token_loss.sum(), n_tokens.sum()
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over supervised tokens, and their count."""
@@ -144,22 +158,23 @@ class MMGPTModule(L.LightningModule):
         return total / n_tokens.clamp(min=1), n_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, n_tokens = self.summed_loss(batch)
-        # The loss is a mean over the supervised tokens of the whole (global) batch, on any number of devices.
-        # DDP and FSDP average gradients over ranks, so a per-rank mean would weight each rank's tokens by
+        per = self.hparams.loss_weighting
+        total, units = self.summed_loss(batch, per=per)
+        # The loss is a mean over the units (tokens, or samples) of the whole (global) batch, on any number of
+        # devices. DDP and FSDP average gradients over ranks, so a per-rank mean would weight each rank's units by
         # 1 / (its own count): ranks with short answers would count for more. Dividing the rank's sum by the
         # global count and multiplying by the world size makes that average exactly the global-batch gradient.
         # One all-reduce gives the count and the summed loss to log; on one device it is a no-op.
-        # float32 counts tokens exactly up to 2**24 per global batch.
-        global_total, global_tokens = self.trainer.strategy.reduce(
-            torch.stack([total.detach(), n_tokens.to(total.dtype)]), reduce_op="sum"
+        # float32 counts exactly up to 2**24 per global batch.
+        global_total, global_units = self.trainer.strategy.reduce(
+            torch.stack([total.detach(), units.to(total.dtype)]), reduce_op="sum"
         )
-        global_tokens = global_tokens.clamp(min=1)
-        loss = total * self.trainer.world_size / global_tokens
+        global_units = global_units.clamp(min=1)
+        loss = total * self.trainer.world_size / global_units
         bs = batch["input_ids"].size(0)
         # The same global-batch mean on every rank, so the logged value needs no further sync.
-        self.log("train/loss", global_total / global_tokens, prog_bar=True, batch_size=bs)
-        self.log("train/tokens", global_tokens, reduce_fx="sum", batch_size=bs)
+        self.log("train/loss", global_total / global_units, prog_bar=True, batch_size=bs)
+        self.log(f"train/{per}s", global_units, reduce_fx="sum", batch_size=bs)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

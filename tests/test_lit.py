@@ -249,3 +249,25 @@ def test_second_stage_starts_from_the_first(module, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="init_from=.*do not fit"):
         module(init_from=str(ckpt), decoder={"n_layer": 3})
+
+
+def test_sample_loss_weighting_gives_every_sample_an_equal_say(module):
+    m = module()
+    data = tiny_data(m)
+    batch = data.collator("train")([data.dataset("train")[i] for i in range(6)])
+    with torch.no_grad():
+        token_total, tokens = m.summed_loss(batch, per="token")
+        sample_total, samples = m.summed_loss(batch, per="sample")
+        logits = m.model(batch["input_ids"], batch["images"])
+    labels = batch["labels"][:, 1:]
+    per_row = []
+    for i in range(labels.size(0)):
+        keep = labels[i] != -100
+        per_row.append(torch.nn.functional.cross_entropy(logits[i, :-1][keep], labels[i][keep]))
+    assert int(samples) == labels.size(0) and int(tokens) == int((labels != -100).sum())
+    torch.testing.assert_close(sample_total, torch.stack(per_row).sum())
+    torch.testing.assert_close(token_total / tokens, m.loss(batch)[0])
+    assert len({int((row != -100).sum()) for row in labels}) > 1  # rows of different lengths: the modes differ
+    assert not torch.allclose(sample_total / samples, token_total / tokens)
+    with pytest.raises(ValueError, match="loss_weighting='row'"):
+        module(loss_weighting="row")
