@@ -76,12 +76,6 @@ def prepare_pretrained_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedToke
     return tok
 
 
-def is_native(tok: PreTrainedTokenizerBase) -> bool:
-    """True for mmgpt's own tokenizer (its chat markers are in the vocabulary)."""
-    vocab = tok.get_vocab()
-    return USER in vocab and ASSISTANT in vocab
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts``; special tokens get ids 0..6 in ``SPECIAL_TOKENS`` order."""
     tokenizer = Tokenizer(models.BPE())
