@@ -71,6 +71,35 @@ def build_attention_mask(
     return ((visible & key_valid[:, None, :]) | self_slot).unsqueeze(1)
 
 
+def build_packed_attention_mask(
+    segment_ids: torch.Tensor, position_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mask of packed rows: several samples share a row, and each attends only within itself.
+
+    A sample sits in consecutive slots of its row, so "causal over slots" is causal within the sample too;
+    attention never crosses into a neighbour, so each sample's logits are those it would have alone (with
+    ``position_ids`` restarting at 0 for every sample).
+
+    Args:
+        segment_ids: ``(B, T)`` the sample each slot holds (any id unique within the row), -1 at padding.
+        position_ids: ``(B, T)`` each slot's position within its sample.
+        prefix_lengths: ``None`` for plain causal attention; or, for a prefix-LM, ``(N,)`` each sample's prefix
+            length indexed by its segment id: keys at positions before it are visible to the whole sample.
+
+    Returns:
+        ``(B, 1, T, T)`` bool, True = may attend; a padding query attends to itself only.
+    """
+    T = segment_ids.size(1)
+    slots = torch.arange(T, device=segment_ids.device)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] >= 0)  # (B, T, T)
+    visible = (slots[None, :] <= slots[:, None])[None]  # (1, T, T) causal over slots
+    if prefix_lengths is not None:
+        key_prefix = prefix_lengths[segment_ids.clamp(min=0)]  # (B, T): the prefix length of each key's sample
+        visible = visible | (position_ids < key_prefix)[:, None, :]  # (B, T, T)
+    self_slot = (slots[None, :] == slots[:, None])[None]
+    return ((same & visible) | self_slot).unsqueeze(1)
+
+
 class KVCache(nn.Module):
     """Preallocated keys/values written at ``input_pos``: no reallocation and no ``torch.cat`` per step."""
 

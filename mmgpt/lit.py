@@ -142,15 +142,28 @@ class MMGPTModule(L.LightningModule):
         long its answer.
         """
         # prefix_lengths: where image + prompt end, for decoder.attention="prefix" (ignored when causal).
-        logits = self.model(batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"))
+        # position_ids and segment_ids come with packed rows (data.packing) and keep each sample to itself.
+        logits = self.model(
+            batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"),
+            position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+        )
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         token_loss = F.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
         )  # (B, T-1), 0 where ignored
-        n_tokens = (labels != IGNORE_INDEX).sum(dim=1)  # (B,)
+        supervised = labels != IGNORE_INDEX  # (B, T-1)
         if per == "sample":
-            return (token_loss.sum(dim=1) / n_tokens.clamp(min=1)).sum(), (n_tokens > 0).sum()
-        return token_loss.sum(), n_tokens.sum()
+            # Each target token's sample: its row unpacked, its segment when packed (several per row).
+            owner = batch.get("segment_ids")
+            n = len(batch["ids"]) if owner is not None else labels.size(0)
+            owner = owner[:, 1:] if owner is not None else torch.arange(n, device=labels.device)[:, None]
+            owner = owner.expand_as(labels)[supervised]  # (K,) for the K target tokens
+            sums = token_loss.new_zeros(n).index_add_(0, owner, token_loss[supervised])  # (n,)
+            counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add_(
+                0, owner, torch.ones_like(owner)
+            )  # (n,)
+            return (sums / counts.clamp(min=1)).sum(), (counts > 0).sum()
+        return token_loss.sum(), supervised.sum()
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over supervised tokens, and their count."""

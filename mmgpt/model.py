@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mmgpt.config import MMGPTConfig
-from mmgpt.decoder import Decoder, build_attention_mask
+from mmgpt.decoder import Decoder, build_attention_mask, build_packed_attention_mask
 from mmgpt.hf_decoder import HFDecoder, resolve_hf_config
 from mmgpt.projector import Projector
 from mmgpt.vision import VisionTower
@@ -90,6 +90,7 @@ class MMGPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         prefix_lengths: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments.
@@ -98,8 +99,21 @@ class MMGPT(nn.Module):
             prefix_lengths: ``(B,)`` tokens of image + prompt at the start of each (right-padded) row, as the
                 ``Collator`` gives them in ``batch["prefix_lengths"]``. Required with
                 ``decoder.attention="prefix"`` unless ``attn_mask`` is given; ignored for causal attention.
+                With ``segment_ids``, ``(N,)`` per sample, indexed by segment id.
+            segment_ids: packed rows (``Collator(pack=True)``): ``(B, T)`` the sample each slot holds, -1 at
+                padding; attention stays within a sample. Give the samples' ``position_ids`` with it.
         """
         x = self.embed(input_ids, images, image_embeds)
+        if segment_ids is not None:
+            if attn_mask is not None or input_pos is not None or position_ids is None:
+                raise ValueError(
+                    "segment_ids (packed rows) go with position_ids restarting per sample, and without attn_mask "
+                    "or input_pos: packing is for training and scoring, not for cached generation"
+                )
+            prefix = prefix_lengths if self.config.decoder.attention == "prefix" else None
+            if self.config.decoder.attention == "prefix" and prefix is None:
+                raise ValueError("decoder.attention='prefix' needs prefix_lengths (per sample) with packed rows")
+            attn_mask = build_packed_attention_mask(segment_ids, position_ids, prefix)
         if attn_mask is None and self.config.decoder.attention == "prefix":
             if prefix_lengths is None or input_pos is not None:
                 raise ValueError(

@@ -7,6 +7,8 @@ and training and inference can never disagree on the format.
 
 from __future__ import annotations
 
+import functools
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IMAGE = "<image>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -78,7 +80,21 @@ def encode_conversation(
         ``(ids, supervised, turns)``: token ids, a per-token flag for assistant tokens, and each assistant
         turn's ``[start, end)`` token span.
     """
-    expanded = [{**m, "content": m["content"].replace(IMAGE, IMAGE * image_seq_len)} for m in messages]
+    key = (tuple(tuple(m.items()) for m in messages), image_seq_len, add_generation_prompt)
+    ids, supervised, turns = _encode_cached(tokenizer, *key)
+    return list(ids), list(supervised), list(turns)
+
+
+# Templated data repeats conversations over and over ("How many circles are there?" / "two"), and rendering a
+# Jinja chat template costs more than drawing the image: remember recent ones. Keyed by the tokenizer object, so
+# two tokenizers never share entries (the caller must not change a tokenizer's template after using it).
+@functools.lru_cache(maxsize=16384)
+def _encode_cached(
+    tokenizer, messages: tuple[tuple[tuple[str, str], ...], ...], image_seq_len: int, add_generation_prompt: bool
+) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[tuple[int, int], ...]]:
+    expanded = [dict(m) for m in messages]
+    for m in expanded:
+        m["content"] = m["content"].replace(IMAGE, IMAGE * image_seq_len)
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
@@ -109,4 +125,4 @@ def encode_conversation(
         for i in inside:
             supervised[i] = True
         turns.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
-    return ids, supervised, turns
+    return tuple(ids), tuple(supervised), tuple(turns)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ROOT, TINY_PROJECTOR, TINY_VISION, cli
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import mmgpt
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.data.collate import Collator
+from mmgpt.data.sample import Sample
 from mmgpt.generation import generate
 from mmgpt.hf_decoder import HFDecoder
 from mmgpt.hf_llama import from_hf_llama_config, from_hf_llama_state_dict
@@ -260,3 +263,30 @@ def test_hf_native_converts_a_llama_into_the_native_decoder(tmp_path):
     AutoModelForCausalLM.from_config(_hf_config("qwen2", len(tok))).save_pretrained(qwen)
     with pytest.raises(ValueError, match="model_type='qwen2'"):
         MMGPT(config.replace(decoder=DecoderConfig(vocab_size=len(tok), hf_path=str(qwen), hf_native=True)))
+
+
+def test_packed_rows_equal_each_sample_alone(lm_dir):
+    # Packing hands an HF model 4-D block masks and restarting position ids (learned ones for GPT-2): every
+    # sample's logits must be those it gets alone.
+    _, path = lm_dir
+    pipe = _mmgpt(path)
+    model = pipe.model.eval()
+    pictures = [Image.new("RGB", (32, 32), c) for c in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]]
+    samples = [
+        Sample("Describe the image.", "red square", pictures[0], "caption", "a"),
+        Sample("What is one plus one?", "two", None, "text", "b"),
+        Sample("What color?", "green", pictures[1], "vqa", "c"),
+        Sample("Count to three.", "one two three", None, "text", "d"),
+        Sample("What color?", "blue", pictures[2], "vqa", "e"),
+    ]
+    padded, packed = (
+        Collator(pipe.tokenizer, model.processor, model.image_seq_len, 128, pack=pack)(samples) for pack in (False, True)
+    )
+    assert packed["input_ids"].size(0) < len(samples)
+    with torch.no_grad():
+        alone = model(padded["input_ids"], padded["images"])
+        together = model(packed["input_ids"], packed["images"], position_ids=packed["position_ids"],
+                         segment_ids=packed["segment_ids"])
+    for i in range(len(samples)):
+        n = int(padded["attention_mask"][i].sum())
+        torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)

@@ -26,12 +26,20 @@ class Collator:
     ``"generate"`` mode a row is the prompt alone, left-padded, so that generation continues every row from the
     same slot.
 
+    With ``pack=True`` (training only) the samples are packed into as few rows of at most ``max_length`` tokens
+    as fit (first-fit by decreasing length) instead of one row each: no slot is spent on padding between a long
+    caption and a one-word answer, and tasks stay mixed in every batch. The batch then also carries
+    ``position_ids`` (restarting at 0 for every sample) and ``segment_ids`` (the sample each slot holds, -1 at
+    padding), which keep every sample's attention and logits exactly what they are unpacked; ``ids``,
+    ``tasks`` and ``prefix_lengths`` stay in sample order and ``images`` in the order the rows hold them.
+
     Args:
         tokenizer: the model's tokenizer.
         processor: turns each image into a ``(3, H, W)`` tensor.
         image_seq_len: ``<image>`` placeholders per image (the model's ``image_seq_len``).
         max_length: longest row in tokens; longer rows are truncated on the right.
         mode: ``"train"`` or ``"generate"``.
+        pack: pack several samples per row (``"train"`` mode only).
     """
 
     def __init__(
@@ -41,9 +49,12 @@ class Collator:
         image_seq_len: int,
         max_length: int = 256,
         mode: Literal["train", "generate"] = "train",
+        pack: bool = False,
     ) -> None:
+        if pack and mode != "train":
+            raise ValueError(f"Collator: pack=True is for training rows; mode={mode!r} builds prompts to generate from")
         self.tokenizer, self.processor = tokenizer, processor
-        self.image_seq_len, self.max_length, self.mode = image_seq_len, max_length, mode
+        self.image_seq_len, self.max_length, self.mode, self.pack = image_seq_len, max_length, mode, pack
         self.pad_id = tokenizer.pad_token_id
 
     def _row(self, s: Sample) -> tuple[list[int], list[int]]:
@@ -79,6 +90,8 @@ class Collator:
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
         rows = [self._row(s) for s in samples]
+        if self.pack:
+            return self._packed(samples, rows)
         T = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -111,3 +124,52 @@ class Collator:
             batch["qtypes"] = [s.qtype for s in samples]
             batch["prompts"] = [s.prompt for s in samples]
         return batch
+
+    def _packed(self, samples: Sequence[Sample], rows: list[tuple[list[int], list[int]]]) -> dict:
+        # First-fit decreasing: long captions open rows, short answers fill their tails. Deterministic.
+        bins: list[list[int]] = []  # sample indices per packed row, in slot order
+        room: list[int] = []
+        for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+            n = len(rows[i][0])
+            r = next((r for r, free in enumerate(room) if free >= n), None)
+            if r is None:
+                bins.append([]), room.append(self.max_length)
+                r = len(bins) - 1
+            bins[r].append(i)
+            room[r] -= n
+        T = max(self.max_length - free for free in room)
+        shape = (len(bins), T)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        segment_ids = torch.full(shape, -1, dtype=torch.long)
+        pixels = []
+        for r, members in enumerate(bins):
+            start = 0
+            for i in members:
+                ids, lab = rows[i]
+                sl = slice(start, start + len(ids))
+                input_ids[r, sl] = torch.tensor(ids)
+                # The loss shifts within the row: the slot before a sample's first token belongs to its
+                # neighbour, so that first token is never a target (it never is unpacked either).
+                labels[r, sl] = torch.tensor([IGNORE_INDEX, *lab[1:]])
+                attention_mask[r, sl] = 1
+                position_ids[r, sl] = torch.arange(len(ids))
+                segment_ids[r, sl] = i
+                if samples[i].image is not None:
+                    pixels.append(self.processor(samples[i].image))  # row-major: the order the splice fills
+                start += len(ids)
+        return {
+            "input_ids": input_ids,  # (R, T): R packed rows
+            "attention_mask": attention_mask,  # (R, T)
+            "labels": labels,  # (R, T)
+            "position_ids": position_ids,  # (R, T): restarts at 0 for every sample
+            "segment_ids": segment_ids,  # (R, T): index of the sample in ``ids``, -1 at padding
+            "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W) in slot order
+            "ids": [s.id for s in samples],
+            "tasks": [s.task for s in samples],
+            "prefix_lengths": torch.tensor(  # (len(samples),) in sample order
+                [next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows]
+            ),
+        }

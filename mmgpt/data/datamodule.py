@@ -79,6 +79,9 @@ class MMGPTDataModule(L.LightningDataModule):
         group_by_length: batch training samples of similar length together (HF Trainer's ``group_by_length``):
             rows are padded to their batch's longest, so mixed batches of long captions and short answers spend
             about half of each step on padding. Needs sources that estimate lengths (shapes does).
+        packing: pack each training batch's samples into as few rows of ``max_length`` tokens as fit (TRL's
+            ``packing``), each sample attending only to itself: the same loss and gradients as padded rows,
+            with none of the padding's compute, and every task still in every batch.
         processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders.
     """
 
@@ -95,6 +98,7 @@ class MMGPTDataModule(L.LightningDataModule):
         mixture_length: int | None = None,
         seed: int = 0,
         group_by_length: bool = False,
+        packing: bool = False,
         processor: ImageProcessor | None = None,
         image_seq_len: int | None = None,
     ) -> None:
@@ -108,6 +112,7 @@ class MMGPTDataModule(L.LightningDataModule):
         self.shapes = shapes or ShapesConfig()
         self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
         self.mixture_length, self.seed, self.group_by_length = mixture_length, seed, group_by_length
+        self.packing = packing
         self.processor, self.image_seq_len = processor, image_seq_len
         self.tokenizer = load_tokenizer(tokenizer)
         self.datasets: dict[str, Dataset] = {}
@@ -129,33 +134,34 @@ class MMGPTDataModule(L.LightningDataModule):
                 self.datasets[split] = ConcatDataset(parts)
         return self.datasets[split]
 
-    def collator(self, mode: Literal["train", "generate"] = "train") -> Collator:
+    def collator(self, mode: Literal["train", "generate"] = "train", pack: bool = False) -> Collator:
         if self.processor is None or self.image_seq_len is None:
             raise RuntimeError(
                 "MMGPTDataModule needs the model's image processor and image_seq_len; the CLI links them "
                 "from the model — in Python pass processor=model.processor, image_seq_len=model.image_seq_len"
             )
-        return Collator(self.tokenizer, self.processor, self.image_seq_len, self.max_length, mode)
+        return Collator(self.tokenizer, self.processor, self.image_seq_len, self.max_length, mode, pack=pack)
 
     def _loader(
-        self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train", sampler=None
+        self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train", sampler=None,
+        pack: bool = False,
     ) -> DataLoader:
         return DataLoader(
             self.dataset(split), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-            sampler=sampler, num_workers=self.num_workers, collate_fn=self.collator(mode),
+            sampler=sampler, num_workers=self.num_workers, collate_fn=self.collator(mode, pack),
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         if not self.group_by_length:
-            return self._loader("train", shuffle=True)
+            return self._loader("train", shuffle=True, pack=self.packing)
         dataset = self.dataset("train")
         if not hasattr(dataset, "lengths"):
             raise ValueError(
                 f"data.group_by_length needs length estimates, which {type(dataset).__name__} does not give "
                 f"(shapes sources and mixtures of them do); set data.group_by_length=false"
             )
-        return self._loader("train", shuffle=True, sampler=LengthGroupedSampler(
+        return self._loader("train", shuffle=True, pack=self.packing, sampler=LengthGroupedSampler(
             dataset.lengths(), self.batch_size, seed=self.seed
         ))
 
