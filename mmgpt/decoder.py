@@ -295,6 +295,13 @@ class Decoder(nn.Module):
         cache = self.h[0].attn.kv_cache
         return 0 if cache is None else cache.k.size(2)
 
+    def check_positions(self, position_ids: torch.Tensor) -> None:
+        """Raise if a position is beyond the RoPE table (``block_size``)."""
+        if int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(
+                f"sequence position {int(position_ids.max())} is beyond decoder.block_size={self.config.block_size}"
+            )
+
     def forward(
         self,
         idx: torch.Tensor | None = None,
@@ -329,12 +336,10 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
             position_ids = position_ids.unsqueeze(0).expand(B, T)
-        if input_pos is None and int(position_ids.max()) >= self.config.block_size:
+        if input_pos is None and not torch.compiler.is_compiling():
             # Checked without a cache only: a cache is never larger than block_size (set_kv_cache checks), and a
-            # per-step check would cost a device sync on every generated token.
-            raise ValueError(
-                f"sequence position {int(position_ids.max())} is beyond decoder.block_size={self.config.block_size}"
-            )
+            # per-step check would cost a device sync on every generated token. Compiled training checks eagerly.
+            self.check_positions(position_ids)
         cos = self.cos[position_ids].unsqueeze(2).to(x.dtype)  # (B, T, 1, hs)
         sin = self.sin[position_ids].unsqueeze(2).to(x.dtype)
         if input_pos is not None and attn_mask is None:

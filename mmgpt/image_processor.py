@@ -57,7 +57,8 @@ class ImageProcessor:
             # A phone photo is stored sideways with an EXIF tag saying how to turn it; "the object on the left"
             # must mean the left of the picture as seen. No-op for images without the tag.
             image = ImageOps.exif_transpose(image).convert("RGB")
-            image = image.resize((self.img_size, self.img_size), _PIL_FILTERS[self.interpolation])
+            if image.size != (self.img_size, self.img_size):
+                image = image.resize((self.img_size, self.img_size), _PIL_FILTERS[self.interpolation])
             x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
             x = x.view(self.img_size, self.img_size, 3).permute(2, 0, 1).float() / 255.0  # (3, H, W)
         elif isinstance(image, torch.Tensor):

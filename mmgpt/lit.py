@@ -54,6 +54,9 @@ class MMGPTModule(L.LightningModule):
         eval_samples: size of that subset (the first samples of the validation set, so runs compare).
         gradient_checkpointing: recompute the decoder blocks' activations in backward instead of storing them:
             less activation memory (bigger batches or longer sequences) for about a third more compute.
+        compile: ``torch.compile`` the model's forward for training steps (graphs with dynamic shapes, so packed
+            batches of any size reuse them); validation, generation and export run the plain model. Pays a one-time
+            compile (tens of seconds on a CPU) for faster steps: 1.2x on the quickstart's CPU run.
         init_from: start from the weights of a trained model (a ``.ckpt`` or an exported directory), as a second
             training stage starts from the first; unlike ``ckpt_path`` it does not resume the optimizer or step.
         lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
@@ -85,6 +88,7 @@ class MMGPTModule(L.LightningModule):
         eval_every_n_validations: int = 1,
         eval_samples: int = 100,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         init_from: str | None = None,
         lora: LoRAConfig | None = None,
         loss_weighting: str = "token",
@@ -119,6 +123,9 @@ class MMGPTModule(L.LightningModule):
                 getattr(self.model, name).requires_grad_(False)
         if lora is not None:
             apply_lora(self.model.decoder, lora)
+        # A compiled bound method, not a module attribute: the parameters stay registered once, under `model.`,
+        # so checkpoints and exports do not change; and only training steps go through the compiled graphs.
+        self._train_forward = torch.compile(self.model.forward, dynamic=True) if compile else None
         self.val_loss = MeanMetric()
         self._validations = 0
 
@@ -143,7 +150,12 @@ class MMGPTModule(L.LightningModule):
         """
         # prefix_lengths: where image + prompt end, for decoder.attention="prefix" (ignored when causal).
         # position_ids and segment_ids come with packed rows (data.packing) and keep each sample to itself.
-        logits = self.model(
+        forward = self.model
+        if self.training and self._train_forward is not None:
+            # The compiled graph skips forward's input checks (each a host sync): make them here, eagerly.
+            self.model.check_inputs(batch["input_ids"], batch["images"], batch.get("position_ids"))
+            forward = self._train_forward
+        logits = forward(
             batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"),
             position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
         )

@@ -64,21 +64,40 @@ class MMGPT(nn.Module):
         """
         x = self.decoder.wte(input_ids)  # (B, T, C)
         is_image = input_ids == self.config.image_token_id  # (B, T)
-        found = int(is_image.sum())
         if image_embeds is None and images is not None:
             image_embeds = self.encode_images(images)
         n_images = 0 if image_embeds is None else image_embeds.size(0)
+        # Under torch.compile the count would break the graph (a host sync): compiled training checks its batch
+        # eagerly, with this same method, before it calls the compiled forward.
+        if not torch.compiler.is_compiling():
+            self.check_image_tokens(input_ids, n_images)
+        if n_images:
+            # Placeholders are filled in row-major order: image i lands in the i-th run. A gather by running count
+            # rather than a boolean-mask assignment, whose data-dependent shape torch.compile cannot fuse.
+            B, T, C = x.shape
+            order = is_image.flatten().cumsum(0).sub(1).clamp(min=0)  # (B*T,) placeholder index of each slot
+            spliced = image_embeds.reshape(-1, C).to(x.dtype)[order].view(B, T, C)
+            x = torch.where(is_image[..., None], spliced, x)
+        return x
+
+    def check_inputs(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> None:
+        """The checks ``forward`` makes eagerly, for callers about to run it compiled (where they are skipped)."""
+        self.check_image_tokens(input_ids, 0 if images is None else images.size(0))
+        if hasattr(self.decoder, "check_positions"):  # the native decoder's RoPE table ends at block_size
+            T = input_ids.size(1)
+            self.decoder.check_positions(position_ids if position_ids is not None else torch.arange(T))
+
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
+        """Raise if ``input_ids`` does not hold exactly ``image_seq_len`` placeholders for each of ``n_images``."""
+        found = int((input_ids == self.config.image_token_id).sum())
         expected = n_images * self.image_seq_len
         if found != expected:
             raise ValueError(
                 f"the input has {found} <image> tokens but {n_images} image(s) x {self.image_seq_len} tokens each "
                 f"= {expected} were expected; render prompts with image_seq_len={self.image_seq_len} per image"
             )
-        if n_images:
-            # Boolean-mask assignment fills placeholders in row-major order: image i lands in the i-th run.
-            x = x.clone()
-            x[is_image] = image_embeds.reshape(-1, x.size(-1)).to(x.dtype)
-        return x
 
     def forward(
         self,

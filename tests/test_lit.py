@@ -271,3 +271,25 @@ def test_sample_loss_weighting_gives_every_sample_an_equal_say(module):
     assert not torch.allclose(sample_total / samples, token_total / tokens)
     with pytest.raises(ValueError, match="loss_weighting='row'"):
         module(loss_weighting="row")
+
+
+def test_compiled_training_forward_equals_eager(module):
+    # model.compile: training steps run a torch.compile'd forward; it must give the eager loss and gradients, and
+    # leave the checkpoint layout alone (parameters registered once, under model.).
+    eager, compiled = module(), module(compile=True)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    data = tiny_data(eager)
+    data.packing = True
+    batch = next(iter(data.train_dataloader()))
+    results = []
+    for m in (eager, compiled):
+        m.train()
+        total, units = m.summed_loss(batch)
+        (total / units).backward()
+        results.append((total.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-4, rtol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], g, atol=1e-5, rtol=1e-3, msg=name)
+    assert compiled._train_forward is not None and eager._train_forward is None  # really the compiled path

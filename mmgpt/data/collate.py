@@ -133,38 +133,37 @@ class Collator:
             n = len(rows[i][0])
             r = next((r for r, free in enumerate(room) if free >= n), None)
             if r is None:
-                bins.append([]), room.append(self.max_length)
-                r = len(bins) - 1
+                r = len(bins)
+                bins.append([])
+                room.append(self.max_length)
             bins[r].append(i)
             room[r] -= n
         T = max(self.max_length - free for free in room)
-        shape = (len(bins), T)
-        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        segment_ids = torch.full(shape, -1, dtype=torch.long)
-        pixels = []
-        for r, members in enumerate(bins):
-            start = 0
+        # Rows are built as Python lists and become tensors once: per-sample tensor copies cost more than the rest.
+        input_ids, labels, position_ids, segment_ids, pixels = [], [], [], [], []
+        for members in bins:
+            ids_row, lab_row, pos_row, seg_row = [], [], [], []
             for i in members:
                 ids, lab = rows[i]
-                sl = slice(start, start + len(ids))
-                input_ids[r, sl] = torch.tensor(ids)
+                ids_row += ids
                 # The loss shifts within the row: the slot before a sample's first token belongs to its
                 # neighbour, so that first token is never a target (it never is unpacked either).
-                labels[r, sl] = torch.tensor([IGNORE_INDEX, *lab[1:]])
-                attention_mask[r, sl] = 1
-                position_ids[r, sl] = torch.arange(len(ids))
-                segment_ids[r, sl] = i
+                lab_row += [IGNORE_INDEX, *lab[1:]]
+                pos_row += range(len(ids))
+                seg_row += [i] * len(ids)
                 if samples[i].image is not None:
                     pixels.append(self.processor(samples[i].image))  # row-major: the order the splice fills
-                start += len(ids)
+            pad = T - len(ids_row)
+            input_ids.append(ids_row + [self.pad_id] * pad)
+            labels.append(lab_row + [IGNORE_INDEX] * pad)
+            position_ids.append(pos_row + [0] * pad)
+            segment_ids.append(seg_row + [-1] * pad)
+        segment_ids = torch.tensor(segment_ids)
         return {
-            "input_ids": input_ids,  # (R, T): R packed rows
-            "attention_mask": attention_mask,  # (R, T)
-            "labels": labels,  # (R, T)
-            "position_ids": position_ids,  # (R, T): restarts at 0 for every sample
+            "input_ids": torch.tensor(input_ids),  # (R, T): R packed rows
+            "attention_mask": (segment_ids >= 0).long(),  # (R, T)
+            "labels": torch.tensor(labels),  # (R, T)
+            "position_ids": torch.tensor(position_ids),  # (R, T): restarts at 0 for every sample
             "segment_ids": segment_ids,  # (R, T): index of the sample in ``ids``, -1 at padding
             "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W) in slot order
             "ids": [s.id for s in samples],

@@ -11,6 +11,7 @@ the same sample and the same pixels in any process, in any access order, with an
 from __future__ import annotations
 
 import colorsys
+import functools
 import hashlib
 import math
 import random
@@ -200,6 +201,14 @@ def random_scene(rng: random.Random, config: ShapesConfig) -> Scene:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(image_size: int) -> np.ndarray:
+    # Read-only: shared by every scene of this size (the training loop draws thousands a second).
+    grid = np.mgrid[0:image_size, 0:image_size].astype(np.float32)  # (2, S, S): rows, columns
+    grid.flags.writeable = False
+    return grid
+
+
 def render_scene(scene: Scene, image_size: int) -> Image.Image:
     """Paint a scene.
 
@@ -211,7 +220,7 @@ def render_scene(scene: Scene, image_size: int) -> Image.Image:
         An RGB image; a pure function of its arguments.
     """
     # Background: a linear blend from bg_from to bg_to along bg_angle, plus optional Gaussian noise.
-    ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32)  # (S, S) each
+    ys, xs = _pixel_grid(image_size)  # (S, S) each
     d = math.cos(scene.bg_angle) * xs + math.sin(scene.bg_angle) * ys
     t = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)  # (S, S) in [0, 1]
     lo, hi = np.array(scene.bg_from, np.float32), np.array(scene.bg_to, np.float32)
@@ -478,17 +487,18 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The scene spec behind scene ``scene_index`` (ground truth for tests and evaluation)."""
         return random_scene(self._rng(scene_index, "scene"), self.config)
 
-    def questions(self, scene_index: int) -> list[QA]:
-        """The questions of scene ``scene_index``, in slot order q0, q1, ..."""
+    def questions(self, scene_index: int, scene: Scene | None = None) -> list[QA]:
+        """The questions of scene ``scene_index``, in slot order q0, q1, ... (``scene``: its spec, if at hand)."""
         return sample_questions(
-            self.scene(scene_index), self._rng(scene_index, "qa"), self.config, self.qa_per_scene
+            scene if scene is not None else self.scene(scene_index), self._rng(scene_index, "qa"), self.config, self.qa_per_scene
         )
 
     def lengths(self) -> list[int]:
         """Characters of prompt + answer per index, without drawing any image (for length-grouped batching)."""
         out = []
         for s in range(self.size):
-            scene, qas = self.scene(s), self.questions(s) if self.qa_per_scene else []
+            scene = self.scene(s)
+            qas = self.questions(s, scene) if self.qa_per_scene else []
             for k, slot in enumerate(self.slots):
                 if slot == "cap":
                     out.append(len(CAPTION_PROMPT) + len(caption(scene)))
@@ -512,7 +522,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         image = render_scene(scene, self.config.image_size)
         if slot == "cap":
             return Sample(prompt=CAPTION_PROMPT, target=caption(scene), image=image, task="caption", id=sid)
-        qas = self.questions(s)
+        qas = self.questions(s, scene)
         k = int(slot[1:])
         # A tiny scene can run out of distinct questions; reuse one rather than fail the layout.
         qa = qas[k % len(qas)]
