@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -50,12 +51,18 @@ def main() -> None:
         })
         scale = max(1, DISPLAY // image.width)
         big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-        panel = Image.new("RGB", (big.width + 560, big.height + 8), "white")
+        # Long captions wrap; each line starts with a green (right) or red (wrong) dot: the default font has no
+        # check-mark glyph.
+        rows = [(piece, ok, k == 0) for text, ok in lines for k, piece in enumerate(textwrap.wrap(text, 62))]
+        panel = Image.new("RGB", (big.width + 560, max(big.height, 14 + 22 * len(rows)) + 8), "white")
         panel.paste(big, (4, 4))
         draw = ImageDraw.Draw(panel)
-        for k, (text, ok) in enumerate(lines):
-            draw.text((big.width + 16, 10 + 30 * k), ("✓ " if ok else "✗ ") + text,
-                      fill=(0, 110, 0) if ok else (180, 0, 0), font=font)
+        x = big.width + 16
+        for k, (text, ok, first) in enumerate(rows):
+            y, colour = 10 + 22 * k, (0, 110, 0) if ok else (180, 0, 0)
+            if first:
+                draw.ellipse([x, y + 4, x + 9, y + 13], fill=colour)
+            draw.text((x + 16, y), text, fill=colour, font=font)
         panels.append(panel)
     grid = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
     y = 0

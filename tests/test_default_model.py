@@ -28,7 +28,7 @@ def test_answers_held_out_questions(default_model):
     samples = [ds[i] for i in range(len(ds)) if ds[i].task == "vqa"]
     answers = default_model.generate([s.image for s in samples], [s.prompt for s in samples])
     accuracy = sum(vqa_score(a, s.answers) for a, s in zip(answers, samples, strict=True)) / len(samples)
-    assert accuracy >= 0.9, list(zip([s.prompt for s in samples], answers, [s.target for s in samples], strict=True))
+    assert accuracy >= 0.95, list(zip([s.prompt for s in samples], answers, [s.target for s in samples], strict=True))
 
 
 def test_captions_held_out_scenes(default_model):
@@ -36,7 +36,7 @@ def test_captions_held_out_scenes(default_model):
     ds = ShapesDataset("test", size=12, config=ShapesConfig(image_size=image_size), tasks=("caption",))
     captions = default_model.generate([ds[i].image for i in range(12)], [None] * 12)
     correct = sum(exact_match(c, ds[i].answers) for i, c in enumerate(captions))
-    assert correct >= 10, captions
+    assert correct >= 11, captions
 
 
 def test_shipped_examples_and_the_one_line_api():
@@ -45,5 +45,6 @@ def test_shipped_examples_and_the_one_line_api():
         path = DEFAULT_MODEL.parent / "examples" / ex["file"]
         qa = ex["questions"][0]
         assert exact_match(mmgpt.generate(str(path), qa["question"]), [qa["answer"]]) == 1.0
-    text = mmgpt.generate(None, "How many sides does a triangle have?")
-    assert isinstance(text, str) and text.strip()
+    # Text-only prompts get the right text answers (facts from the text share of the training mix).
+    assert mmgpt.generate(None, "How many sides does a triangle have?") == "three"
+    assert mmgpt.generate(None, "What is two plus five?") == "seven"
