@@ -311,6 +311,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder.
 
@@ -325,9 +326,13 @@ class Decoder(nn.Module):
                 attention.
             logits_to_keep: compute logits for the last this many positions only (0 = all), as HF: a prefill
                 needs just the last one, and the vocabulary projection is its largest matmul.
+            logits_at: ``(K,)`` indices into the ``B * T`` positions flattened row-major: compute logits there only.
+                For training, whose loss needs them only where a target is predicted (a tenth to a third of the
+                positions with short answers); with a 49k vocabulary the skipped projection and its float32
+                softmax are a large share of a step. Indices rather than a mask: no data-dependent shape inside.
 
         Returns:
-            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given).
+            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given); ``(K, vocab_size)`` with ``logits_at``.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
@@ -357,4 +362,6 @@ class Decoder(nn.Module):
                 x = block(x, cos, sin, attn_mask, input_pos)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]  # (K, C)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab) or (K, vocab)

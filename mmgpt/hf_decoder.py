@@ -134,6 +134,7 @@ class HFDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)``; the arguments mean what they mean for ``Decoder.forward``."""
         if (idx is None) == (inputs_embeds is None):
@@ -150,8 +151,21 @@ class HFDecoder(nn.Module):
                 written = self.cache.get_seq_length() + T
                 attn_mask = build_attention_mask(torch.ones(1, written, dtype=torch.bool, device=x.device), input_pos)
         cache = {self._cache_arg: self.cache} if input_pos is not None else {}
+        if logits_at is not None and input_pos is None and not _scales_logits(self.model.config):
+            # The body's hidden states, then the head at the wanted positions only (what the causal-LM forward
+            # does at every position).
+            hidden = self.model.base_model(
+                inputs_embeds=x, attention_mask=attn_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (B, T, C)
+            return self.model.get_output_embeddings()(hidden.flatten(0, 1)[logits_at])  # (K, vocab)
         out = self.model(
             inputs_embeds=x, attention_mask=attn_mask, position_ids=position_ids, use_cache=input_pos is not None,
             logits_to_keep=logits_to_keep, **cache,
         )
-        return out.logits
+        return out.logits if logits_at is None else out.logits.flatten(0, 1)[logits_at]
+
+
+def _scales_logits(config) -> bool:
+    # Models whose causal-LM head does more than the output projection (Gemma 2's soft cap, Cohere's scale):
+    # those compute every logit and select afterwards.
+    return any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))

@@ -155,27 +155,28 @@ class MMGPTModule(L.LightningModule):
             # The compiled graph skips forward's input checks (each a host sync): make them here, eagerly.
             self.model.check_inputs(batch["input_ids"], batch["images"], batch.get("position_ids"))
             forward = self._train_forward
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        # Logits only where a target is predicted: the head and its softmax are skipped on image, prompt and
+        # padding positions (most of them; with a 49k vocabulary, a large share of a step).
+        predicts = F.pad(labels != IGNORE_INDEX, (0, 1))  # (B, T): True at t when token t+1 is a target
         logits = forward(
             batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"),
             position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-        )
-        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        token_loss = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )  # (B, T-1), 0 where ignored
-        supervised = labels != IGNORE_INDEX  # (B, T-1)
+            logits_at=predicts.flatten().nonzero().squeeze(1),  # computed here, eagerly, even when compiled
+        )  # (K, V) for the K targets, row-major
+        token_loss = F.cross_entropy(logits.float(), labels[labels != IGNORE_INDEX], reduction="none")  # (K,)
         if per == "sample":
             # Each target token's sample: its row unpacked, its segment when packed (several per row).
             owner = batch.get("segment_ids")
             n = len(batch["ids"]) if owner is not None else labels.size(0)
             owner = owner[:, 1:] if owner is not None else torch.arange(n, device=labels.device)[:, None]
-            owner = owner.expand_as(labels)[supervised]  # (K,) for the K target tokens
-            sums = token_loss.new_zeros(n).index_add_(0, owner, token_loss[supervised])  # (n,)
+            owner = owner.expand_as(labels)[labels != IGNORE_INDEX]  # (K,)
+            sums = token_loss.new_zeros(n).index_add_(0, owner, token_loss)  # (n,)
             counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add_(
                 0, owner, torch.ones_like(owner)
             )  # (n,)
             return (sums / counts.clamp(min=1)).sum(), (counts > 0).sum()
-        return token_loss.sum(), supervised.sum()
+        return token_loss.sum(), torch.tensor(token_loss.numel(), device=token_loss.device)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over supervised tokens, and their count."""

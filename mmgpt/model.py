@@ -111,6 +111,7 @@ class MMGPT(nn.Module):
         prefix_lengths: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments.
 
@@ -145,5 +146,5 @@ class MMGPT(nn.Module):
             attn_mask = build_attention_mask(all_valid, torch.arange(T, device=input_ids.device), prefix_lengths)
         return self.decoder(
             inputs_embeds=x, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=logits_to_keep, logits_at=logits_at,
         )

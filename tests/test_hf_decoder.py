@@ -279,9 +279,8 @@ def test_packed_rows_equal_each_sample_alone(lm_dir):
         Sample("Count to three.", "one two three", None, "text", "d"),
         Sample("What color?", "blue", pictures[2], "vqa", "e"),
     ]
-    padded, packed = (
-        Collator(pipe.tokenizer, model.processor, model.image_seq_len, 128, pack=pack)(samples) for pack in (False, True)
-    )
+    collators = [Collator(pipe.tokenizer, model.processor, model.image_seq_len, 128, pack=p) for p in (False, True)]
+    padded, packed = (collate(samples) for collate in collators)
     assert packed["input_ids"].size(0) < len(samples)
     with torch.no_grad():
         alone = model(padded["input_ids"], padded["images"])
@@ -290,3 +289,16 @@ def test_packed_rows_equal_each_sample_alone(lm_dir):
     for i in range(len(samples)):
         n = int(padded["attention_mask"][i].sum())
         torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_logits_at_selected_positions_equal_full_logits(lm_dir):
+    # Training asks for logits only where a target is predicted: the head run on those positions alone must give
+    # exactly the full forward's logits there.
+    _, path = lm_dir
+    model = _mmgpt(path).model.eval()
+    ids = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([0, 5, 10, 12, 30, 32])  # flattened (row * 11 + position)
+    with torch.no_grad():
+        full = model(ids)  # (3, 11, V)
+        picked = model(ids, logits_at=at)  # (6, V)
+    torch.testing.assert_close(picked, full.flatten(0, 1)[at], atol=1e-5, rtol=1e-5)

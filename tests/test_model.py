@@ -240,3 +240,18 @@ def test_mixed_batch_rows_equal_rows_alone(model, tokenizer, images):
     # The image matters: the same ids with another image give other logits.
     with torch.no_grad():
         assert not torch.allclose(model(torch.tensor([img_row]), images[1:2]), img_alone, atol=1e-4)
+
+
+def test_logits_at_selected_positions_equal_full_logits(model, tokenizer):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)  # O(1) weights: logits differ from position to position
+    ids = torch.randint(10, len(tokenizer), (2, 9))
+    at = torch.tensor([1, 4, 8, 9, 17])  # flattened (row * 9 + position)
+    with torch.no_grad():
+        full, picked = model(ids), model(ids, logits_at=at)
+    assert picked.shape == (5, full.size(-1))
+    torch.testing.assert_close(picked, full.flatten(0, 1)[at])
+    assert not torch.allclose(picked[0], picked[1])

@@ -489,9 +489,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def questions(self, scene_index: int, scene: Scene | None = None) -> list[QA]:
         """The questions of scene ``scene_index``, in slot order q0, q1, ... (``scene``: its spec, if at hand)."""
-        return sample_questions(
-            scene if scene is not None else self.scene(scene_index), self._rng(scene_index, "qa"), self.config, self.qa_per_scene
-        )
+        scene = scene if scene is not None else self.scene(scene_index)
+        return sample_questions(scene, self._rng(scene_index, "qa"), self.config, self.qa_per_scene)
 
     def lengths(self) -> list[int]:
         """Characters of prompt + answer per index, without drawing any image (for length-grouped batching)."""
