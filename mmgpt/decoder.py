@@ -71,6 +71,12 @@ def build_attention_mask(
     return ((visible & key_valid[:, None, :]) | self_slot).unsqueeze(1)
 
 
+def default_position_ids(input_pos: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """``(B, T)`` RoPE positions when none are given: the cache slots being written, else ``0..T-1``."""
+    positions = input_pos if input_pos is not None else torch.arange(T, device=device)
+    return positions.unsqueeze(0).expand(B, T)
+
+
 def build_packed_attention_mask(
     segment_ids: torch.Tensor, position_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -339,8 +345,7 @@ class Decoder(nn.Module):
         x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-            position_ids = position_ids.unsqueeze(0).expand(B, T)
+            position_ids = default_position_ids(input_pos, B, T, x.device)
         if input_pos is None and not torch.compiler.is_compiling():
             # Checked without a cache only: a cache is never larger than block_size (set_kv_cache checks), and a
             # per-step check would cost a device sync on every generated token. Compiled training checks eagerly.

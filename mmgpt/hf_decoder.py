@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from mmgpt.config import DecoderConfig
-from mmgpt.decoder import build_attention_mask
+from mmgpt.decoder import build_attention_mask, default_position_ids
 
 
 def _from_pretrained_args(hf_path: str) -> tuple[str, dict[str, Any]]:
@@ -142,8 +142,7 @@ class HFDecoder(nn.Module):
         x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-            position_ids = position_ids.unsqueeze(0).expand(B, T)
+            position_ids = default_position_ids(input_pos, B, T, x.device)
         if input_pos is not None:
             if self.cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call set_kv_cache() first")
