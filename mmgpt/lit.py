@@ -156,21 +156,22 @@ class MMGPTModule(L.LightningModule):
             self.model.check_inputs(batch["input_ids"], batch["images"], batch.get("position_ids"))
             forward = self._train_forward
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        is_target = labels != IGNORE_INDEX  # (B, T-1)
         # Logits only where a target is predicted: the head and its softmax are skipped on image, prompt and
         # padding positions (most of them; with a 49k vocabulary, a large share of a step).
-        predicts = F.pad(labels != IGNORE_INDEX, (0, 1))  # (B, T): True at t when token t+1 is a target
+        predicts = F.pad(is_target, (0, 1))  # (B, T): True at t when token t+1 is a target
         logits = forward(
             batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"),
             position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
             logits_at=predicts.flatten().nonzero().squeeze(1),  # computed here, eagerly, even when compiled
         )  # (K, V) for the K targets, row-major
-        token_loss = F.cross_entropy(logits.float(), labels[labels != IGNORE_INDEX], reduction="none")  # (K,)
+        token_loss = F.cross_entropy(logits.float(), labels[is_target], reduction="none")  # (K,)
         if per == "sample":
             # Each target token's sample: its row unpacked, its segment when packed (several per row).
             owner = batch.get("segment_ids")
             n = len(batch["ids"]) if owner is not None else labels.size(0)
             owner = owner[:, 1:] if owner is not None else torch.arange(n, device=labels.device)[:, None]
-            owner = owner.expand_as(labels)[labels != IGNORE_INDEX]  # (K,)
+            owner = owner.expand_as(labels)[is_target]  # (K,)
             sums = token_loss.new_zeros(n).index_add_(0, owner, token_loss)  # (n,)
             counts = torch.zeros(n, dtype=torch.long, device=labels.device).index_add_(
                 0, owner, torch.ones_like(owner)

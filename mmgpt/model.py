@@ -130,10 +130,10 @@ class MMGPT(nn.Module):
                     "segment_ids (packed rows) go with position_ids restarting per sample, and without attn_mask "
                     "or input_pos: packing is for training and scoring, not for cached generation"
                 )
-            prefix = prefix_lengths if self.config.decoder.attention == "prefix" else None
-            if self.config.decoder.attention == "prefix" and prefix is None:
+            prefix = self.config.decoder.attention == "prefix"
+            if prefix and prefix_lengths is None:
                 raise ValueError("decoder.attention='prefix' needs prefix_lengths (per sample) with packed rows")
-            attn_mask = build_packed_attention_mask(segment_ids, position_ids, prefix)
+            attn_mask = build_packed_attention_mask(segment_ids, position_ids, prefix_lengths if prefix else None)
         if attn_mask is None and self.config.decoder.attention == "prefix":
             if prefix_lengths is None or input_pos is not None:
                 raise ValueError(

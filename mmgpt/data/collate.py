@@ -116,9 +116,7 @@ class Collator:
             batch["labels"] = labels  # (B, T)
             # The prompt of every row starts at slot 0 and ends here: the prefix of decoder.attention="prefix".
             # Everything before the first answer token; with several turns, later user turns stay causal.
-            batch["prefix_lengths"] = torch.tensor(
-                [next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows]
-            )  # (B,)
+            batch["prefix_lengths"] = _prefix_lengths(rows)  # (B,)
         else:
             batch["answers"] = [s.answers for s in samples]
             batch["qtypes"] = [s.qtype for s in samples]
@@ -168,7 +166,10 @@ class Collator:
             "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W) in slot order
             "ids": [s.id for s in samples],
             "tasks": [s.task for s in samples],
-            "prefix_lengths": torch.tensor(  # (len(samples),) in sample order
-                [next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows]
-            ),
+            "prefix_lengths": _prefix_lengths(rows),  # (len(samples),) in sample order
         }
+
+
+def _prefix_lengths(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    # Each row's tokens before its first supervised one: the image and prompt, the prefix of a prefix-LM.
+    return torch.tensor([next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows])
