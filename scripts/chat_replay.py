@@ -4,7 +4,8 @@
     python scripts/chat_replay.py --model runs/smollm2/align/csv/version_0/checkpoints/last.ckpt \
         --split train --out runs/smollm2/chat_replay.json
     # what stage 2 kept, on held-out prompts: its answers against the stage-1 (= SmolLM2) answers
-    python scripts/chat_replay.py --model runs/smollm2/align/.../last.ckpt --split test --out runs/smollm2/chat_test.json
+    python scripts/chat_replay.py --model runs/smollm2/align/.../last.ckpt --split test \
+        --out runs/smollm2/chat_test.json
     python scripts/chat_replay.py --model runs/smollm2/instruct/.../last.ckpt --split test \
         --compare runs/smollm2/chat_test.json
 
@@ -54,7 +55,7 @@ def answer(pipeline, prompts: Sequence[str], max_new_tokens: int, batch_size: in
 def common_prefix(a: list[int], b: list[int], n: int) -> float:
     """The share of the first ``n`` tokens of ``b`` that ``a`` repeats before the first difference."""
     a, b = a[:n], b[:n]
-    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return k / max(len(b), 1)
 
 
@@ -86,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         answers = answer(pipeline, prompts, args.max_new_tokens, args.batch_size)
         kept = [(p, a) for p, (a, ended) in zip(prompts, answers, strict=True) if ended and a]
         records = [
-            {"id": f"chat/{args.split}/{i}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
+            {"id": f"chat/{args.split}/{i}",
+             "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
             for i, (p, a) in enumerate(kept)
         ]
         args.out.parent.mkdir(parents=True, exist_ok=True)
