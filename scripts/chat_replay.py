@@ -4,14 +4,15 @@
     python scripts/chat_replay.py --model runs/smollm2/align/csv/version_0/checkpoints/last.ckpt \
         --split train --out runs/smollm2/chat_replay.json
     # what stage 2 kept, on held-out prompts: its answers against the stage-1 (= SmolLM2) answers
-    python scripts/chat_replay.py --model runs/smollm2/align/.../last.ckpt --split test \
+    python scripts/chat_replay.py --model runs/smollm2/align/.../last.ckpt --split test --keep-unfinished \
         --out runs/smollm2/chat_test.json
     python scripts/chat_replay.py --model runs/smollm2/instruct/.../last.ckpt --split test \
         --compare runs/smollm2/chat_test.json
 
 ``--out`` writes LLaVA-format conversations (text only), ready for a ``{kind: conversations, path: ...}`` data
 source. Answers are greedy. An answer that does not end within ``--max-new-tokens`` is dropped (and counted):
-replaying a cut answer would teach the model to stop mid-sentence.
+replaying a cut answer would teach the model to stop mid-sentence (``--keep-unfinished`` keeps them, for a reference
+that ``--compare`` generates to the same length).
 
 ``--compare REF`` generates answers to REF's prompts and prints, against REF's answers: how many are identical,
 the mean share of the first ``--prefix-tokens`` tokens that agree before the first difference, and the pairs that
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compare", type=Path, help="a file written by --out: score this model against it")
     parser.add_argument("--max-new-tokens", type=int, default=150)
     parser.add_argument("--prefix-tokens", type=int, default=32, help="tokens compared by the prefix agreement")
+    parser.add_argument("--keep-unfinished", action="store_true",
+                        help="--out keeps answers cut at --max-new-tokens: for a --compare reference, not for replay")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is not None:
         prompts = chat_prompts(args.split)[: args.limit]
         answers = answer(pipeline, prompts, args.max_new_tokens, args.batch_size)
-        kept = [(p, a) for p, (a, ended) in zip(prompts, answers, strict=True) if ended and a]
+        kept = [(p, a) for p, (a, ended) in zip(prompts, answers, strict=True) if (ended or args.keep_unfinished) and a]
         records = [
             {"id": f"chat/{args.split}/{i}",
              "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}

@@ -45,6 +45,10 @@ def test_replay_file_trains_as_conversations_and_a_model_agrees_with_itself(tmp_
     assert [ds[i].prompt for i in range(len(ds))] == [r["conversations"][0]["value"] for r in records]
     assert all(ds[i].image is None and ds[i].task == "text" for i in range(len(ds)))
     assert {r["conversations"][0]["value"] for r in records} <= set(TEST_PROMPTS[:6])
+    # A reference for --compare keeps the cut answers too: every prompt is compared.
+    run(monkeypatch, capsys, "--model", str(DEFAULT_MODEL), "--split", "test", "--out", str(tmp_path / "all.json"),
+        "--keep-unfinished", *common)
+    assert [r["conversations"][0]["value"] for r in json.loads((tmp_path / "all.json").read_text())] == TEST_PROMPTS[:6]
 
     # Greedy decoding is deterministic: the same model reproduces every answer.
     same = json.loads(run(monkeypatch, capsys, "--model", str(DEFAULT_MODEL), "--compare", str(out), *common)[-1])
