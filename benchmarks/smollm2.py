@@ -37,22 +37,14 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mmgpt.data.chat_prompts import TEST_PROMPTS  # noqa: E402
 from mmgpt.generation import generate  # noqa: E402
 from mmgpt.gguf import smollm2_dir  # noqa: E402
 from mmgpt.int8_gemv import int8_gemv_available, int8_gemv_unavailable_reason  # noqa: E402
 from mmgpt.smollm2 import chat_prompt, load_smollm2  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
-QUALITY_PROMPTS = [
-    "What is the capital of France?",
-    "Explain photosynthesis in two sentences.",
-    "Give me three tips for learning a new language.",
-    "Write a haiku about the ocean.",
-    "What is 12 times 7?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do I make a cup of tea?",
-    "Why is the sky blue?",
-]
+QUALITY_PROMPTS = TEST_PROMPTS[:8]  # general chat prompts that no mmgpt recipe trains on
 # A fixed text for perplexity (written for this benchmark, so that no model has seen it verbatim).
 PPL_TEXT = (
     "The old lighthouse stood at the edge of the cliff for more than a century. Every evening the keeper climbed "

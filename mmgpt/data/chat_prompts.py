@@ -12,10 +12,10 @@ hand-written set that no training prompt repeats, to measure what was kept on pr
 
 from __future__ import annotations
 
-# Held out: never replayed, so that agreement on them measures generalisation, not memorised answers.
+# Held out: never replayed, so that agreement on them measures generalisation, not memorised answers. The first
+# eight are also benchmarks/smollm2.py's quality prompts.
 TEST_PROMPTS = [
     "What is the capital of France?",
-    "How many legs does a spider have?",
     "Explain photosynthesis in two sentences.",
     "Give me three tips for learning a new language.",
     "Write a haiku about the ocean.",
@@ -23,6 +23,7 @@ TEST_PROMPTS = [
     "Summarize the plot of Romeo and Juliet.",
     "How do I make a cup of tea?",
     "Why is the sky blue?",
+    "How many legs does a spider have?",
     "What is the largest planet in the solar system?",
     "Who wrote the play Hamlet?",
     "What is the boiling point of water in Celsius?",
