@@ -59,19 +59,31 @@ def text_nll(
     model: MMGPT, tokenizer: PreTrainedTokenizerFast, dataset: Dataset, batch_size: int = 32, max_length: int = 256
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of the reference answers (teacher forced) and their token count."""
+    stats = teacher_forced(model, tokenizer, dataset, batch_size, max_length)
+    return stats["nll"], stats["tokens"]
+
+
+@torch.inference_mode()
+def teacher_forced(
+    model: MMGPT, tokenizer: PreTrainedTokenizerFast, dataset: Dataset, batch_size: int = 32, max_length: int = 256
+) -> dict[str, float]:
+    """The reference answers fed to the model token by token: ``{"nll": summed negative log-likelihood,
+    "top1": how many of their tokens are the model's own first choice, "tokens": how many there are}``."""
     device = model.decoder.wte.weight.device
     collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="train")
-    total, count = 0.0, 0
+    total, top1, count = 0.0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         images = batch["images"].to(device) if batch["images"] is not None else None
         logits = model(
             batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device)
         )[:, :-1]  # (B, T-1, V)
-        labels = batch["labels"][:, 1:].to(device)
+        labels = batch["labels"][:, 1:].to(device)  # (B, T-1)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
                                        ignore_index=IGNORE_INDEX))
-        count += int((labels != IGNORE_INDEX).sum())
-    return total, count
+        target = labels != IGNORE_INDEX
+        top1 += int((logits.argmax(-1) == labels)[target].sum())
+        count += int(target.sum())
+    return {"nll": total, "top1": top1, "tokens": count}
 
 
 def score(rows: Sequence[dict]) -> dict[str, float]:

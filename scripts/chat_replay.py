@@ -16,13 +16,16 @@ that ``--compare`` generates to the same length).
 
 ``--compare REF`` generates answers to REF's prompts and prints, against REF's answers: how many are identical,
 the mean share of the first ``--prefix-tokens`` tokens that agree before the first difference, and the pairs that
-differ. The last line is a JSON object with those numbers.
+differ. Then, teacher forced (REF's answer fed token by token): how often REF's next token is this model's first
+choice, and REF's perplexity under this model. With REF from the model before fine-tuning, its own scores are
+100 % and its perplexity of its own greedy answers. The last line is a JSON object with those numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -31,9 +34,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
 
 import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
 import mmgpt  # noqa: E402
 from mmgpt.data.chat_prompts import chat_prompts  # noqa: E402
+from mmgpt.data.sources import Conversations  # noqa: E402
+from mmgpt.evaluation import teacher_forced  # noqa: E402
 from mmgpt.generation import generate as generate_ids  # noqa: E402
 
 
@@ -111,14 +117,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         same += a == ref
         if a != ref:
             print(f"- {p}\n    reference: {ref!r}\n    this model: {a!r}")
+    # Teacher forced: the reference answer fed token by token. Free generation diverges for good at its first
+    # different token; this says how often the model's first choice is still the reference's at every step.
+    forced = teacher_forced(
+        pipeline.model, tok, Subset(Conversations(args.compare), range(len(reference))), args.batch_size, 512
+    )
     result = {
         "prompts": len(prompts), "identical": same / len(prompts),
         f"prefix_agreement@{args.prefix_tokens}": sum(prefix) / len(prefix),
+        "teacher_forced_top1": forced["top1"] / forced["tokens"],
+        "reference_ppl": math.exp(forced["nll"] / forced["tokens"]),
     }
     print(f"identical answers: {same}/{len(prompts)}; mean agreement of the first {args.prefix_tokens} tokens: "
-          f"{result[f'prefix_agreement@{args.prefix_tokens}']:.1%}")
+          f"{result[f'prefix_agreement@{args.prefix_tokens}']:.1%}; teacher forced, the reference's token is this "
+          f"model's first choice {result['teacher_forced_top1']:.1%} of the time, perplexity of the reference "
+          f"{result['reference_ppl']:.3f}")
     print(json.dumps(result))
-
 
 if __name__ == "__main__":
     main()

@@ -52,12 +52,15 @@ def test_replay_file_trains_as_conversations_and_a_model_agrees_with_itself(tmp_
 
     # Greedy decoding is deterministic: the same model reproduces every answer.
     same = json.loads(run(monkeypatch, capsys, "--model", str(DEFAULT_MODEL), "--compare", str(out), *common)[-1])
-    assert same == {"prompts": len(records), "identical": 1.0, "prefix_agreement@32": 1.0}
+    assert {k: same[k] for k in ("prompts", "identical", "prefix_agreement@32", "teacher_forced_top1")} == {
+        "prompts": len(records), "identical": 1.0, "prefix_agreement@32": 1.0, "teacher_forced_top1": 1.0}
+    assert same["reference_ppl"] > 1.0  # its own greedy answers: its first choices, yet not certain ones
     # A barely trained model does not.
     _, ckpt = trained
     other = run(monkeypatch, capsys, "--model", str(ckpt), "--compare", str(out), *common)
     score = json.loads(other[-1])
-    assert score["identical"] < 1.0 and score["prefix_agreement@32"] < 1.0
+    assert score["identical"] < 1.0 and score["prefix_agreement@32"] < 1.0 and score["teacher_forced_top1"] < 1.0
+    assert score["reference_ppl"] > same["reference_ppl"]
     assert any(line.startswith("    reference: ") for line in other)  # the differing pairs are shown
 
 
