@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerFast
 
-from mmgpt.data.collate import IGNORE_INDEX, Collator
+from mmgpt.data.collate import Collator, next_token_targets
 from mmgpt.generation import generate
 from mmgpt.metrics import caption_metrics, exact_match, perplexity, vqa_metrics
 from mmgpt.model import MMGPT
@@ -74,15 +74,15 @@ def teacher_forced(
     total, top1, count = 0.0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         images = batch["images"].to(device) if batch["images"] is not None else None
+        is_target, logits_at = next_token_targets(batch["labels"].to(device))  # (B, T-1), (K,)
         logits = model(
-            batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device)
-        )[:, :-1]  # (B, T-1, V)
-        labels = batch["labels"][:, 1:].to(device)  # (B, T-1)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                                       ignore_index=IGNORE_INDEX))
-        target = labels != IGNORE_INDEX
-        top1 += int((logits.argmax(-1) == labels)[target].sum())
-        count += int(target.sum())
+            batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device),
+            logits_at=logits_at,
+        )  # (K, V): only where a reference token is predicted
+        targets = batch["labels"][:, 1:].to(device)[is_target]  # (K,)
+        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        top1 += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
     return {"nll": total, "top1": top1, "tokens": count}
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
-from mmgpt.data.collate import IGNORE_INDEX
+from mmgpt.data.collate import next_token_targets
 from mmgpt.evaluation import evaluate
 from mmgpt.generation import generate
 from mmgpt.lora import LoRAConfig, apply_lora
@@ -156,14 +156,12 @@ class MMGPTModule(L.LightningModule):
             self.model.check_inputs(batch["input_ids"], batch["images"], batch.get("position_ids"))
             forward = self._train_forward
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        is_target = labels != IGNORE_INDEX  # (B, T-1)
         # Logits only where a target is predicted: the head and its softmax are skipped on image, prompt and
         # padding positions (most of them; with a 49k vocabulary, a large share of a step).
-        predicts = F.pad(is_target, (0, 1))  # (B, T): True at t when token t+1 is a target
+        is_target, logits_at = next_token_targets(batch["labels"])  # (B, T-1), (K,)
         logits = forward(
             batch["input_ids"], batch["images"], prefix_lengths=batch.get("prefix_lengths"),
-            position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-            logits_at=predicts.flatten().nonzero().squeeze(1),  # computed here, eagerly, even when compiled
+            position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"), logits_at=logits_at,
         )  # (K, V) for the K targets, row-major
         token_loss = F.cross_entropy(logits.float(), labels[is_target], reduction="none")  # (K,)
         if per == "sample":

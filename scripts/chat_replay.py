@@ -66,11 +66,6 @@ def common_prefix(a: list[int], b: list[int], n: int) -> float:
     return k / max(len(b), 1)
 
 
-def read_conversations(path: Path) -> list[tuple[str, str]]:
-    records = json.loads(path.read_text())
-    return [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in records]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an exported model directory or a Lightning .ckpt")
@@ -106,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"(no end within {args.max_new_tokens} tokens, or empty)")
         return
 
-    reference = read_conversations(args.compare)[: args.limit]
+    records = Conversations(args.compare)
+    records = Subset(records, range(min(len(records), args.limit or len(records))))
+    reference = [(records[i].prompt, records[i].target) for i in range(len(records))]
     prompts = [p for p, _ in reference]
     answers = answer(pipeline, prompts, args.max_new_tokens, args.batch_size)
     tok = pipeline.tokenizer
@@ -119,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"- {p}\n    reference: {ref!r}\n    this model: {a!r}")
     # Teacher forced: the reference answer fed token by token. Free generation diverges for good at its first
     # different token; this says how often the model's first choice is still the reference's at every step.
-    forced = teacher_forced(
-        pipeline.model, tok, Subset(Conversations(args.compare), range(len(reference))), args.batch_size, 512
-    )
+    forced = teacher_forced(pipeline.model, tok, records, args.batch_size, max_length=512)
     result = {
         "prompts": len(prompts), "identical": same / len(prompts),
         f"prefix_agreement@{args.prefix_tokens}": sum(prefix) / len(prefix),

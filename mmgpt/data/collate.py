@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from mmgpt.data.sample import Sample
@@ -173,3 +174,13 @@ class Collator:
 def _prefix_lengths(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     # Each row's tokens before its first supervised one: the image and prompt, the prefix of a prefix-LM.
     return torch.tensor([next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows])
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a ``(B, T)`` batch's loss is: ``is_target`` ``(B, T-1)``, True where position t's next token is
+    supervised, and the same positions as flat indices into ``B * T`` for ``MMGPT.forward(logits_at=...)``, which
+    then computes logits there only (``(K, vocab)``, row-major, in the order of ``labels[:, 1:][is_target]``)."""
+    is_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    # Computed eagerly (a data-dependent shape), so that a compiled forward can take it.
+    logits_at = F.pad(is_target, (0, 1)).flatten().nonzero().squeeze(1)  # (K,)
+    return is_target, logits_at
