@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mmgpt.cli import MMGPTCLI  # noqa: E402
 from mmgpt.data.datamodule import MMGPTDataModule  # noqa: E402
 from mmgpt.lit import MMGPTModule  # noqa: E402
+from mmgpt.precision import slow_cpu_precision_warning  # noqa: E402
 
 
 def main() -> None:
@@ -51,6 +52,8 @@ def main() -> None:
     batches = iter(data.train_dataloader())
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if message := slow_cpu_precision_warning(precision):
+        print(f"warning: {message}", file=sys.stderr)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     module.train()
 

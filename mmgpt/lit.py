@@ -12,6 +12,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
@@ -21,6 +22,7 @@ from mmgpt.generation import generate
 from mmgpt.lora import LoRAConfig, apply_lora
 from mmgpt.model import MMGPT
 from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_LORA_KEY, CKPT_TOKENIZER_KEY, load_weights
+from mmgpt.precision import slow_cpu_precision_warning
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
@@ -140,6 +142,12 @@ class MMGPTModule(L.LightningModule):
 
     def forward(self, input_ids, images=None, **kwargs):
         return self.model(input_ids, images, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        # A bf16 setting tuned on one CPU can be tens of times slower on another: say so before the first step.
+        if self.trainer.strategy.root_device.type == "cpu":
+            if message := slow_cpu_precision_warning(self.trainer.precision):
+                rank_zero_warn(message)
 
     def summed_loss(self, batch: dict, per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy summed over the units of ``per``, and how many units there are.

@@ -51,7 +51,7 @@ class VisionTower(nn.Module):
 
         pretrained, overlay, num_classes = False, None, 0
         if config.checkpoint_path:
-            path = Path(config.checkpoint_path)
+            path = Path(config.checkpoint_path).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"vision.checkpoint_path: no such file {path}")
             classifier = pretrained_cfg.classifier if pretrained_cfg else None
