@@ -1,6 +1,8 @@
 """How readable are a frozen vision tower's features? Probes for each grid cell's shape, colour and size.
 
     python benchmarks/vision_probe.py --config configs/shapes.yaml --config configs/smollm2_shapes.yaml
+    python benchmarks/vision_probe.py --config configs/smollm2_shapes.yaml --set model.vision.feature_layer=-2 \
+        --set model.vision.img_size=96 --set data.shapes.image_size=96
 
 For each config, the vision tower its ``model.vision`` builds (weights as the config loads them: a random init or a
 local checkpoint) encodes shapes scenes drawn at its ``data.shapes.image_size``; the tokens are grouped into the
@@ -97,6 +99,8 @@ def probe(train_x, train_y, test_x, test_y, n_classes, hidden: int, steps: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="a training YAML (repeat to compare)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value for every config, e.g. model.vision.feature_layer=-2")
     parser.add_argument("--train-scenes", type=int, default=3000)
     parser.add_argument("--test-scenes", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -109,6 +113,13 @@ def main() -> None:
     for path in args.config:
         start = time.perf_counter()
         cfg = yaml.safe_load(Path(path).read_text())
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *parents, leaf = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
         vision = VisionConfig(**cfg["model"]["vision"])
         shapes_cfg = ShapesConfig(**cfg.get("data", {}).get("shapes", {}))
         torch.manual_seed(cfg.get("seed_everything") or 0)  # a random tower is the one training would build

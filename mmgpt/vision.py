@@ -53,7 +53,10 @@ class VisionTower(nn.Module):
         if config.checkpoint_path:
             path = Path(config.checkpoint_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"vision.checkpoint_path: no such file {path}")
+                raise FileNotFoundError(
+                    f"vision.checkpoint_path: no such file {path} (a local timm checkpoint; EfficientNet-Lite0's "
+                    f"ImageNet weights are written by scripts/convert_efficientnet_lite0.py)"
+                )
             classifier = pretrained_cfg.classifier if pretrained_cfg else None
             # Build the model with the checkpoint's own head, so timm loads *every* tensor strictly (its loader
             # turns strict off, and silently skips missing and unexpected keys, whenever the head size differs).

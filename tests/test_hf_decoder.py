@@ -203,6 +203,7 @@ def test_two_stage_recipe_configs_run_with_a_tiny_lm(tmp_path):
         f"--model.decoder.hf_path={lm}", f"--data.tokenizer={lm}", "--trainer.max_steps=1", "--trainer.logger=false",
         "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--data.batch_size=2",
         "--data.train=[{kind: shapes, size: 2}]", "--model.projector.hidden_dim=32",
+        "--model.vision.checkpoint_path=null",  # the recipe's EfficientNet-Lite0, random: no weights file needed
     ]
     stage1 = cli(tmp_path / "align", "fit", *small, config=ROOT / "configs" / "smollm2_shapes.yaml")
     pretrained = AutoModelForCausalLM.from_pretrained(lm).state_dict()

@@ -139,7 +139,8 @@ def test_quantize_decoder_replaces_every_matmul():
 def test_int8_decoder_computes_its_dequantized_weights(tie_embeddings):
     # The int8 model's logits are those of a float model holding the de-quantized weights, for a prefill (the
     # de-quantize + matmul path) and for single-token steps (the int8 kernel): the quantized modules add no error
-    # of their own beyond the rounding of the weights.
+    # of their own beyond the rounding of the weights. Where the int8 kernel cannot be built (no AVX-512), single
+    # steps use torch's int8 kernel with activations rounded to bfloat16 (mmgpt.quantize): bfloat16's error there.
     reference = random_decoder(tie_embeddings=tie_embeddings)
     int8 = quantized_copy(reference)
     exact = dequantized_copy(int8, reference)
@@ -153,7 +154,13 @@ def test_int8_decoder_computes_its_dequantized_weights(tie_embeddings):
             logits += [decoder(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(20, 24)]
             decoder.clear_kv_cache()
             steps.append(torch.cat(logits, dim=1))
-    torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
+    if int8_gemv_available():
+        torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
+    else:
+        # bfloat16 keeps 8 bits of mantissa: each input rounded by up to 2**-9 of itself, through 4 blocks.
+        scale = steps[1].abs().max().item()
+        torch.testing.assert_close(steps[0], steps[1], rtol=0.0, atol=1e-2 * scale)  # measured: 0.4-0.6 %
+        assert not torch.allclose(steps[0], steps[1], rtol=1e-4, atol=1e-4)  # it really took the bfloat16 path
 
 
 def test_int8_and_bf16_logits_stay_close_to_float32():
