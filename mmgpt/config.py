@@ -61,6 +61,10 @@ class ProjectorConfig:
     # LayerNorm on the patch features before the MLP (as Qwen2-VL's merger). Intermediate ViT features are
     # un-normalized; from-scratch towers drift in scale, and the decoder then learns to ignore them.
     input_norm: bool = True
+    # A learned embedding per image-token slot added to the projector's output, as a ViT adds its position
+    # embedding. A CNN's feature map carries no absolute position, and the decoder's RoPE only tells it how far
+    # back a token is, which changes with every generated word: the slot embedding names each cell outright.
+    pos_embed: bool = False
 
 
 ATTENTION_MODES = ("causal", "prefix")

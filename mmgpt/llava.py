@@ -183,6 +183,8 @@ def _export_problems(model: MMGPT) -> list[str]:
         problems.append("projector.input_norm=True (LLaVA's projector has no input LayerNorm)")
     if pc.pixel_shuffle != 1:
         problems.append(f"projector.pixel_shuffle={pc.pixel_shuffle} (LLaVA has none: expected 1)")
+    if pc.pos_embed:
+        problems.append("projector.pos_embed=True (LLaVA's projector has no slot embedding)")
     if pc.hidden_dim not in (None, dc.n_embd):
         problems.append(f"projector.hidden_dim={pc.hidden_dim} (LLaVA's is the decoder width {dc.n_embd})")
     # An HF decoder (decoder.hf_path / hf_config) has its own layout; only the native Llama-style one converts.

@@ -27,7 +27,7 @@ def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tenso
 
 
 class Projector(nn.Module):
-    """Optional pixel shuffle, then LLaVA-1.5's 2-layer GELU MLP."""
+    """Optional pixel shuffle, then LLaVA-1.5's 2-layer GELU MLP, plus an optional learned slot embedding."""
 
     def __init__(self, config: ProjectorConfig, vision_dim: int, grid_size: tuple[int, int], out_dim: int) -> None:
         super().__init__()
@@ -51,10 +51,13 @@ class Projector(nn.Module):
         # that small, each one's gradient is scaled by the other's tiny weights and the projector barely moves.
         nn.init.normal_(self.mlp[2].weight, std=0.02)
         nn.init.zeros_(self.mlp[2].bias)
+        # Same std as the output layer's weights: distinct slots from step 0, at the size of the tokens they mark.
+        self.pos_embed = nn.Parameter(torch.randn(self.num_tokens, out_dim) * 0.02) if config.pos_embed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H*W, vision_dim)
         x = self.norm(x)
         if self.config.pixel_shuffle > 1:
             x = pixel_shuffle(x, self.grid_size, self.config.pixel_shuffle)
-        return self.mlp(x)  # (B, num_tokens, out_dim)
+        x = self.mlp(x)  # (B, num_tokens, out_dim)
+        return x if self.pos_embed is None else x + self.pos_embed

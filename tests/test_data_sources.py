@@ -27,7 +27,7 @@ from mmgpt.data.shapes import (
     text_facts,
 )
 from mmgpt.data.sources import TEXT_PROMPT, CocoCaptions, Mixture, TextFile, VQAJsonl
-from mmgpt.prompts import CAPTION_PROMPT
+from mmgpt.prompts import CAPTION_PROMPT, IMAGE, encode_conversation
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -167,6 +167,39 @@ def test_answers_follow_scene_spec():
     assert 0.4 < sum(yes) / len(yes) < 0.6  # balanced yes/no, so "always yes" is not a strategy
     # Questions of one scene are distinct.
     assert all(len({ds[4 * s + k].prompt for k in range(4)}) == 4 for s in range(50))
+
+
+def test_qa_turns_groups_a_scenes_questions_into_conversations(tokenizer):
+    single = ShapesDataset("train", 3, qa_per_scene=5, text_fraction=0.0)
+    grouped = ShapesDataset("train", 3, qa_per_scene=5, text_fraction=0.0, qa_turns=2)
+    assert grouped.slots == ["cap", "c0", "c1", "c2"]  # 2 + 2 + 1 questions
+    for scene in range(3):
+        questions = [single[scene * 6 + 1 + k] for k in range(5)]  # the same scene's single-turn samples
+        convs = [grouped[scene * 4 + 1 + k] for k in range(3)]
+        assert [c.id for c in convs] == [f"shapes/train/{scene}/c{k}" for k in range(3)]
+        turns = [m for c in convs for m in c.messages]
+        # Every question once, in slot order, as alternating user / assistant turns; the image in the first only.
+        assert [m["content"] for m in turns if m["role"] == "assistant"] == [q.target for q in questions]
+        users = [m["content"] for m in turns if m["role"] == "user"]
+        assert users == [IMAGE + questions[0].prompt, questions[1].prompt,
+                         IMAGE + questions[2].prompt, questions[3].prompt, IMAGE + questions[4].prompt]
+        for k, c in enumerate(convs):
+            first = questions[2 * k]
+            assert (c.prompt, c.target, c.qtype, c.task) == (first.prompt, first.target, first.qtype, "vqa")
+            # What evaluation generates from is exactly the single-turn question's prompt.
+            assert c.conversation(with_answer=False) == first.conversation(with_answer=False)
+            assert np.array_equal(np.asarray(c.image), np.asarray(first.image))
+    # Length grouping sees a conversation's whole text.
+    assert grouped.lengths()[1] == sum(len(single[i].prompt) + len(single[i].target) for i in (1, 2))
+    # Trained on, a conversation supervises every answer and nothing of the questions.
+    image_seq_len = 4
+    ids, supervised, turns = encode_conversation(tokenizer, grouped[1].conversation(), image_seq_len)
+    assert len(turns) == 2
+    learned = tokenizer.decode([t for t, s in zip(ids, supervised, strict=True) if s])
+    answers = [m["content"] for m in grouped[1].messages if m["role"] == "assistant"]
+    assert all(a in learned for a in answers) and not any(single[i].prompt in learned for i in (1, 2))
+    with pytest.raises(ValueError, match="qa_turns >= 1"):
+        ShapesDataset("train", 1, qa_turns=0)
 
 
 def test_rendered_shapes_have_their_colour_at_their_centre():

@@ -322,10 +322,12 @@ def test_export_of_a_native_model(tmp_path):
 def test_export_of_a_model_that_does_not_fit_names_every_part(tmp_path, tiny_config):
     # The test-sized default: a plain ViT (no pre-norm, patch bias, eps 1e-6), pixel shuffle 2, input norm.
     tiny_config.decoder.attention = "prefix"
+    tiny_config.projector.pos_embed = True
     model = MMGPT(tiny_config)
     with pytest.raises(ValueError, match="does not fit LLaVA") as error:
         export_llava(model, tmp_path / "out")
-    for part in ("projector.input_norm=True", "projector.pixel_shuffle=2", "decoder.attention='prefix'",
+    for part in ("projector.input_norm=True", "projector.pixel_shuffle=2", "projector.pos_embed=True",
+                 "decoder.attention='prefix'",
                  "pre_norm=True", "patch embedding has no bias"):
         assert part in str(error.value)
     assert not (tmp_path / "out").exists()  # checked before anything is written

@@ -50,6 +50,21 @@ def test_projector_output_shape_and_bad_factor():
         Projector(ProjectorConfig(pixel_shuffle=0), vision_dim=8, grid_size=(4, 4), out_dim=16)
 
 
+def test_projector_pos_embed_marks_each_slot():
+    torch.manual_seed(0)
+    plain = Projector(ProjectorConfig(pixel_shuffle=2), vision_dim=8, grid_size=(4, 4), out_dim=16)
+    marked = Projector(ProjectorConfig(pixel_shuffle=2, pos_embed=True), vision_dim=8, grid_size=(4, 4), out_dim=16)
+    assert marked.pos_embed.shape == (4, 16)  # one embedding per output token, none without the flag
+    assert plain.pos_embed is None
+    missing = marked.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["pos_embed"]  # everything else is shared, so the two differ by the embedding alone
+    x = torch.randn(1, 1, 8).expand(2, 16, 8)  # the same patch features in every cell of both images
+    out_plain, out_marked = plain(x), marked(x)
+    assert torch.allclose(out_marked, out_plain + marked.pos_embed)
+    assert torch.allclose(out_plain[:, 0], out_plain[:, 3])  # identical cells: identical tokens ...
+    assert not torch.allclose(out_marked[:, 0], out_marked[:, 3])  # ... until each slot is marked
+
+
 def test_model_with_non_dividing_pixel_shuffle_raises(tiny_config):
     tiny_config.projector.pixel_shuffle = 3  # the tiny grid is 4x4
     with pytest.raises(ValueError, match=r"pixel_shuffle=3 .*4x4"):

@@ -37,11 +37,15 @@ class DataSource:
     qa_per_scene: int = 3
     # shapes: share of text-only samples, so the model keeps plain text generation.
     text_fraction: float = 0.2
+    # shapes: questions per VQA sample. 1: one question each; more: multi-turn conversations (LLaVA-1.5's
+    # grouping), several answers for one pass over the image, system prompt and template.
+    qa_turns: int = 1
 
     def build(self, split: str, shapes: ShapesConfig) -> Dataset:
         if self.kind == "shapes":
             return ShapesDataset(
-                split, self.size, shapes, qa_per_scene=self.qa_per_scene, text_fraction=self.text_fraction
+                split, self.size, shapes, qa_per_scene=self.qa_per_scene, text_fraction=self.text_fraction,
+                qa_turns=self.qa_turns,
             )
         if self.path is None:
             raise ValueError(f"data source kind={self.kind!r} needs a path")

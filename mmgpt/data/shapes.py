@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmgpt.data.sample import Sample, Task
-from mmgpt.prompts import CAPTION_PROMPT
+from mmgpt.prompts import CAPTION_PROMPT, conversation
 
 RGB = tuple[int, int, int]
 
@@ -418,6 +418,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     in this order: ``"cap"`` (if "caption" in tasks), ``"q0".."q{qa_per_scene-1}"`` (if "vqa"), then
     ``"t0".."t{text_per_scene-1}"`` (if "text"). The sample id is ``shapes/{split}/{scene}/{slot}``, e.g.
     ``shapes/test/17/q2``. With the defaults a scene gives 5 samples: a caption, 3 questions and 1 text.
+    With ``qa_turns > 1`` the questions come as multi-turn conversations of ``qa_turns`` questions each
+    (the last may be shorter), slots ``"c0"``, ``"c1"``, ...: LLaVA-1.5's grouping of an image's questions,
+    which pays for the image, the system prompt and the template once per conversation instead of once per
+    question. Such a sample's ``prompt``/``target`` are its first question and answer (what evaluation asks).
 
     The number of text slots is ``round(text_fraction * image_slots / (1 - text_fraction))`` (at least one
     when the fraction is positive), so the real text share is ``text_per_scene / slots_per_scene``;
@@ -430,6 +434,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         tasks: which sample kinds to produce.
         qa_per_scene: questions per scene, qtypes cycled from a random start.
         text_fraction: wanted share of text-only samples, in [0, 1).
+        qa_turns: questions per VQA sample; 1 gives single-turn samples, more gives conversations.
     """
 
     def __init__(
@@ -440,19 +445,25 @@ class ShapesDataset(torch.utils.data.Dataset):
         tasks: Sequence[Task] = ("caption", "vqa", "text"),
         qa_per_scene: int = 3,
         text_fraction: float = 0.2,
+        qa_turns: int = 1,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"ShapesDataset: split={split!r}; expected one of {SPLITS}")
         if unknown := set(tasks) - {"caption", "vqa", "text"}:
             raise ValueError(f"ShapesDataset: unknown tasks {sorted(unknown)}; expected caption, vqa, text")
-        if not tasks or size < 0 or qa_per_scene < 0 or not 0 <= text_fraction < 1:
+        if not tasks or size < 0 or qa_per_scene < 0 or qa_turns < 1 or not 0 <= text_fraction < 1:
             raise ValueError(
-                f"ShapesDataset: need tasks, size >= 0, qa_per_scene >= 0 and text_fraction in "
-                f"[0, 1); got {tasks=}, {size=}, {qa_per_scene=}, {text_fraction=}"
+                f"ShapesDataset: need tasks, size >= 0, qa_per_scene >= 0, qa_turns >= 1 and text_fraction in "
+                f"[0, 1); got {tasks=}, {size=}, {qa_per_scene=}, {qa_turns=}, {text_fraction=}"
             )
         self.split, self.size, self.config = split, size, config or ShapesConfig()
         slots = ["cap"] if "caption" in tasks else []
-        slots += [f"q{k}" for k in range(qa_per_scene)] if "vqa" in tasks else []
+        if "vqa" in tasks:
+            single = qa_turns == 1
+            slots += [f"q{k}" for k in range(qa_per_scene)] if single else [
+                f"c{k}" for k in range(math.ceil(qa_per_scene / qa_turns))
+            ]
+        self.qa_turns = qa_turns
         n_text = 0
         if "text" in tasks and not slots:
             n_text = 1  # text alone: one text sample per index
@@ -504,6 +515,8 @@ class ShapesDataset(torch.utils.data.Dataset):
                 elif slot.startswith("q"):
                     qa = qas[int(slot[1:]) % len(qas)]
                     out.append(len(qa.question) + len(qa.answer))
+                elif slot.startswith("c"):
+                    out.append(sum(len(qa.question) + len(qa.answer) for qa in self._turns(qas, slot)))
                 else:  # a text sample draws no image: build it
                     sample = self[s * len(self.slots) + k]
                     out.append(len(sample.prompt) + len(sample.target))
@@ -522,10 +535,25 @@ class ShapesDataset(torch.utils.data.Dataset):
         if slot == "cap":
             return Sample(prompt=CAPTION_PROMPT, target=caption(scene), image=image, task="caption", id=sid)
         qas = self.questions(s, scene)
+        if slot.startswith("c"):
+            turns = self._turns(qas, slot)
+            messages = conversation(turns[0].question, turns[0].answer, num_images=1)
+            for qa in turns[1:]:
+                messages += [{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}]
+            first = turns[0]
+            return Sample(prompt=first.question, target=first.answer, image=image, task="vqa", id=sid,
+                          qtype=first.qtype, messages=messages)
         k = int(slot[1:])
         # A tiny scene can run out of distinct questions; reuse one rather than fail the layout.
         qa = qas[k % len(qas)]
         return Sample(prompt=qa.question, target=qa.answer, image=image, task="vqa", id=sid, qtype=qa.qtype)
+
+    def _turns(self, qas: list[QA], slot: str) -> list[QA]:
+        # Conversation slot "c{k}": questions k*qa_turns onwards. A scene with fewer distinct questions than asked
+        # for repeats none: its later conversations reuse its first questions (as a single-turn slot would).
+        k = int(slot[1:])
+        turns = qas[k * self.qa_turns : (k + 1) * self.qa_turns]
+        return turns or qas[: self.qa_turns]
 
 
 def shapes_corpus(num_scenes: int = 1000, config: ShapesConfig | None = None) -> Iterator[str]:
