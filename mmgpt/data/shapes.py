@@ -458,11 +458,10 @@ class ShapesDataset(torch.utils.data.Dataset):
             )
         self.split, self.size, self.config = split, size, config or ShapesConfig()
         slots = ["cap"] if "caption" in tasks else []
-        if "vqa" in tasks:
-            single = qa_turns == 1
-            slots += [f"q{k}" for k in range(qa_per_scene)] if single else [
-                f"c{k}" for k in range(math.ceil(qa_per_scene / qa_turns))
-            ]
+        if "vqa" in tasks and qa_turns == 1:
+            slots += [f"q{k}" for k in range(qa_per_scene)]
+        elif "vqa" in tasks:
+            slots += [f"c{k}" for k in range(math.ceil(qa_per_scene / qa_turns))]
         self.qa_turns = qa_turns
         n_text = 0
         if "text" in tasks and not slots:
@@ -536,11 +535,10 @@ class ShapesDataset(torch.utils.data.Dataset):
             return Sample(prompt=CAPTION_PROMPT, target=caption(scene), image=image, task="caption", id=sid)
         qas = self.questions(s, scene)
         if slot.startswith("c"):
-            turns = self._turns(qas, slot)
-            messages = conversation(turns[0].question, turns[0].answer, num_images=1)
-            for qa in turns[1:]:
-                messages += [{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}]
-            first = turns[0]
+            first, *rest = self._turns(qas, slot)
+            messages = conversation(first.question, first.answer, num_images=1)  # the image goes with the first
+            for qa in rest:
+                messages += conversation(qa.question, qa.answer)
             return Sample(prompt=first.question, target=first.answer, image=image, task="vqa", id=sid,
                           qtype=first.qtype, messages=messages)
         k = int(slot[1:])
