@@ -80,11 +80,12 @@ def lm_dir(request, tmp_path_factory):
     return kind, path
 
 
-def _mmgpt(path) -> Pipeline:
+def _mmgpt(path, attention: str = "causal") -> Pipeline:
     tok = load_tokenizer(path)
     config = MMGPTConfig(
         VisionConfig(**TINY_VISION), ProjectorConfig(**TINY_PROJECTOR),
-        DecoderConfig(vocab_size=len(tok), hf_path=str(path)), image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        DecoderConfig(vocab_size=len(tok), hf_path=str(path), attention=attention),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
     )
     torch.manual_seed(0)
     model = MMGPT(config)
@@ -290,6 +291,39 @@ def test_packed_rows_equal_each_sample_alone(lm_dir):
     for i in range(len(samples)):
         n = int(padded["attention_mask"][i].sum())
         torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_lm_on_packed_rows_agrees_with_cached_generation(lm_dir):
+    # decoder.attention=prefix with an HF LM, as stop 12 tried in the SmolLM2 recipe's stage 2: trained on packed
+    # rows, scored by KV-cached generation. Packed rows must give each sample its logits alone, the logits of
+    # prompt + generated answer must pick the generated tokens, and the prompt must see itself both ways.
+    _, path = lm_dir
+    pipe = _mmgpt(path, attention="prefix")
+    model = pipe.model.eval()
+    pictures = [Image.new("RGB", (32, 32), c) for c in [(200, 30, 30), (30, 30, 200)]]
+    requests = [(pictures[0], "Describe the image."), (None, "What is one plus one?"), (pictures[1], "What color?")]
+    N = 6
+    with torch.no_grad():
+        for image, prompt in requests:
+            ids, mask, pixels = pipe.encode([image], [prompt])
+            new = generate(model, ids, mask, pixels, max_new_tokens=N)[0]
+            P = ids.size(1)
+            logits = model(torch.cat([ids[0], new])[None], pixels, prefix_lengths=torch.tensor([P]))[0]
+            assert torch.equal(logits[P - 1 : P - 1 + N].argmax(-1), new)
+        samples = [Sample(prompt, "one two", image, "vqa", str(i)) for i, (image, prompt) in enumerate(requests)]
+        collators = [Collator(pipe.tokenizer, model.processor, model.image_seq_len, 128, pack=p) for p in (False, True)]
+        padded, packed = (collate(samples) for collate in collators)
+        assert packed["input_ids"].size(0) < len(samples)
+        alone = model(padded["input_ids"], padded["images"], prefix_lengths=padded["prefix_lengths"])
+        kwargs = dict(position_ids=packed["position_ids"], segment_ids=packed["segment_ids"])
+        together = model(packed["input_ids"], packed["images"], prefix_lengths=packed["prefix_lengths"], **kwargs)
+        model.config.decoder.attention = "causal"
+        causal = model(packed["input_ids"], packed["images"], **kwargs)
+    for i in range(len(samples)):
+        n = int(padded["attention_mask"][i].sum())
+        torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)
+        first = (packed["segment_ids"] == i) & (packed["position_ids"] == 0)
+        assert not torch.allclose(together[first], causal[first])  # causal, the first token sees only itself
 
 
 def test_logits_at_selected_positions_equal_full_logits(lm_dir):
