@@ -267,11 +267,12 @@ def test_hf_native_converts_a_llama_into_the_native_decoder(tmp_path):
         MMGPT(config.replace(decoder=DecoderConfig(vocab_size=len(tok), hf_path=str(qwen), hf_native=True)))
 
 
-def test_packed_rows_equal_each_sample_alone(lm_dir):
+@pytest.mark.parametrize("attention", ["causal", "prefix"])
+def test_packed_rows_equal_each_sample_alone(lm_dir, attention):
     # Packing hands an HF model 4-D block masks and restarting position ids (learned ones for GPT-2): every
-    # sample's logits must be those it gets alone.
+    # sample's logits must be those it gets alone, with a prefix-LM mask as with a causal one.
     _, path = lm_dir
-    pipe = _mmgpt(path)
+    pipe = _mmgpt(path, attention)
     model = pipe.model.eval()
     pictures = [Image.new("RGB", (32, 32), c) for c in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]]
     samples = [
@@ -285,45 +286,34 @@ def test_packed_rows_equal_each_sample_alone(lm_dir):
     padded, packed = (collate(samples) for collate in collators)
     assert packed["input_ids"].size(0) < len(samples)
     with torch.no_grad():
-        alone = model(padded["input_ids"], padded["images"])
+        alone = model(padded["input_ids"], padded["images"], prefix_lengths=padded["prefix_lengths"])
         together = model(packed["input_ids"], packed["images"], position_ids=packed["position_ids"],
-                         segment_ids=packed["segment_ids"])
+                         segment_ids=packed["segment_ids"], prefix_lengths=packed["prefix_lengths"])
     for i in range(len(samples)):
         n = int(padded["attention_mask"][i].sum())
         torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)
 
 
-def test_prefix_lm_on_packed_rows_agrees_with_cached_generation(lm_dir):
-    # decoder.attention=prefix with an HF LM, as stop 12 tried in the SmolLM2 recipe's stage 2: trained on packed
-    # rows, scored by KV-cached generation. Packed rows must give each sample its logits alone, the logits of
-    # prompt + generated answer must pick the generated tokens, and the prompt must see itself both ways.
+def test_prefix_lm_training_logits_agree_with_cached_generation(lm_dir):
+    # decoder.attention=prefix with an HF LM, as stop 12 tried in the SmolLM2 recipe's stage 2: the logits of
+    # prompt + generated answer in one forward must pick the tokens KV-cached generation chose, and the prompt
+    # must see itself both ways.
     _, path = lm_dir
     pipe = _mmgpt(path, attention="prefix")
     model = pipe.model.eval()
-    pictures = [Image.new("RGB", (32, 32), c) for c in [(200, 30, 30), (30, 30, 200)]]
-    requests = [(pictures[0], "Describe the image."), (None, "What is one plus one?"), (pictures[1], "What color?")]
+    picture = Image.new("RGB", (32, 32), (200, 30, 30))
     N = 6
     with torch.no_grad():
-        for image, prompt in requests:
+        for image, prompt in [(picture, "Describe the image."), (None, "What is one plus one?")]:
+            model.config.decoder.attention = "prefix"
             ids, mask, pixels = pipe.encode([image], [prompt])
             new = generate(model, ids, mask, pixels, max_new_tokens=N)[0]
             P = ids.size(1)
-            logits = model(torch.cat([ids[0], new])[None], pixels, prefix_lengths=torch.tensor([P]))[0]
+            row = torch.cat([ids[0], new])[None]
+            logits = model(row, pixels, prefix_lengths=torch.tensor([P]))[0]
             assert torch.equal(logits[P - 1 : P - 1 + N].argmax(-1), new)
-        samples = [Sample(prompt, "one two", image, "vqa", str(i)) for i, (image, prompt) in enumerate(requests)]
-        collators = [Collator(pipe.tokenizer, model.processor, model.image_seq_len, 128, pack=p) for p in (False, True)]
-        padded, packed = (collate(samples) for collate in collators)
-        assert packed["input_ids"].size(0) < len(samples)
-        alone = model(padded["input_ids"], padded["images"], prefix_lengths=padded["prefix_lengths"])
-        kwargs = dict(position_ids=packed["position_ids"], segment_ids=packed["segment_ids"])
-        together = model(packed["input_ids"], packed["images"], prefix_lengths=packed["prefix_lengths"], **kwargs)
-        model.config.decoder.attention = "causal"
-        causal = model(packed["input_ids"], packed["images"], **kwargs)
-    for i in range(len(samples)):
-        n = int(padded["attention_mask"][i].sum())
-        torch.testing.assert_close(together[packed["segment_ids"] == i], alone[i, :n], atol=1e-4, rtol=1e-4)
-        first = (packed["segment_ids"] == i) & (packed["position_ids"] == 0)
-        assert not torch.allclose(together[first], causal[first])  # causal, the first token sees only itself
+            model.config.decoder.attention = "causal"
+            assert not torch.allclose(model(row, pixels)[0, 0], logits[0])  # causal: the first token sees itself only
 
 
 def test_logits_at_selected_positions_equal_full_logits(lm_dir):
