@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmgpt.data.datamodule import DataSource
 from mmgpt.data.sample import Sample
 from mmgpt.data.shapes import (
     NUMBER_WORDS,
@@ -167,6 +168,29 @@ def test_answers_follow_scene_spec():
     assert 0.4 < sum(yes) / len(yes) < 0.6  # balanced yes/no, so "always yes" is not a strategy
     # Questions of one scene are distinct.
     assert all(len({ds[4 * s + k].prompt for k in range(4)}) == 4 for s in range(50))
+
+
+def test_qtypes_asks_only_those_types_and_the_data_source_passes_them():
+    wanted = ("yesno", "position", "color", "count")
+    ds = DataSource("shapes", size=200, tasks=("vqa",), qtypes=wanted, qa_per_scene=4, qa_turns=4,
+                    text_fraction=0.0).build("train", ShapesConfig())
+    assert ds.slots == ["c0"]  # no caption, no text: one conversation of four a scene
+    asked, yes = Counter(), []
+    for s in range(200):
+        scene, qas = ds.scene(s), ds.questions(s)
+        for qa in qas:
+            check_answer(qa.question, qa.answer, scene, ds.config)
+        # Four questions, one of each wanted type: none falls back to a second family of its type.
+        assert sorted(qa.qtype for qa in qas) == sorted(wanted)
+        asked.update(qa.qtype for qa in qas)
+        yes += [qa.answer == "yes" for qa in qas if qa.qtype == "yesno"]
+    assert set(asked) == set(wanted)
+    assert 0.4 < sum(yes) / len(yes) < 0.6
+    # The same scenes as a source of every type: qtypes changes the questions, never the images.
+    every = ShapesDataset("train", 200, tasks=("vqa",), qa_per_scene=4)
+    assert all(ds.scene(s) == every.scene(s) for s in range(20))
+    with pytest.raises(ValueError, match=r"qtypes=\['colour'\]; expected a non-empty subset"):
+        ShapesDataset("train", 1, qtypes=("colour",))
 
 
 def test_qa_turns_groups_a_scenes_questions_into_conversations(tokenizer):

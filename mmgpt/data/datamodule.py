@@ -10,7 +10,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mmgpt.data.collate import Collator
 from mmgpt.data.length_grouped import LengthGroupedSampler
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset
+from mmgpt.data.sample import Task
+from mmgpt.data.shapes import QTYPES, QType, ShapesConfig, ShapesDataset
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 from mmgpt.image_processor import ImageProcessor
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -40,12 +41,16 @@ class DataSource:
     # shapes: questions per VQA sample. 1: one question each; more: multi-turn conversations (LLaVA-1.5's
     # grouping), several answers for one pass over the image, system prompt and template.
     qa_turns: int = 1
+    # shapes: which sample kinds a scene gives (caption, vqa, text) and which question types it asks; a second
+    # source of only the hard question types adds practice on them without dropping the rest.
+    tasks: tuple[Task, ...] = ("caption", "vqa", "text")
+    qtypes: tuple[QType, ...] = QTYPES
 
     def build(self, split: str, shapes: ShapesConfig) -> Dataset:
         if self.kind == "shapes":
             return ShapesDataset(
                 split, self.size, shapes, qa_per_scene=self.qa_per_scene, text_fraction=self.text_fraction,
-                qa_turns=self.qa_turns,
+                qa_turns=self.qa_turns, tasks=self.tasks, qtypes=self.qtypes,
             )
         if self.path is None:
             raise ValueError(f"data source kind={self.kind!r} needs a path")

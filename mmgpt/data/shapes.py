@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ NUMBER_WORDS = (
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
 
-QTYPES = ("color", "shape", "count", "position", "yesno")
+QType = Literal["color", "shape", "count", "position", "yesno"]
+QTYPES: tuple[QType, ...] = ("color", "shape", "count", "position", "yesno")
 SPLITS = ("train", "val", "test")
 
 # Half-extent of a shape as a fraction of half a grid cell: large shapes nearly fill their cell, small ones
@@ -313,7 +315,9 @@ def candidate_questions(scene: Scene, config: ShapesConfig) -> dict[str, list[li
     return {q: [f for f in fams if f] for q, fams in families.items()}
 
 
-def sample_questions(scene: Scene, rng: random.Random, config: ShapesConfig, n: int) -> list[QA]:
+def sample_questions(
+    scene: Scene, rng: random.Random, config: ShapesConfig, n: int, qtypes: Sequence[QType] = QTYPES
+) -> list[QA]:
     """Pick ``n`` distinct questions about a scene, cycling through the qtypes from a random start.
 
     Args:
@@ -321,16 +325,17 @@ def sample_questions(scene: Scene, rng: random.Random, config: ShapesConfig, n: 
         rng: the random stream; the questions are a pure function of its state.
         config: the shape world.
         n: how many questions.
+        qtypes: the question types to draw from, in cycling order (default: all of ``QTYPES``).
 
     Returns:
         ``n`` questions (fewer only if the scene has fewer distinct questions), qtypes as even as possible.
     """
     cands = candidate_questions(scene, config)
-    start, picked, seen = rng.randrange(len(QTYPES)), [], set()
-    for k in range(n * len(QTYPES)):  # bounded: a qtype whose questions are all used is skipped
+    start, picked, seen = rng.randrange(len(qtypes)), [], set()
+    for k in range(n * len(qtypes)):  # bounded: a qtype whose questions are all used is skipped
         if len(picked) == n:
             break
-        families = cands[QTYPES[(start + k) % len(QTYPES)]]
+        families = cands[qtypes[(start + k) % len(qtypes)]]
         # Family first (for balance), then any question of that qtype not yet asked.
         order = [rng.choice(rng.choice(families))] + [qa for fam in families for qa in fam]
         qa = next((qa for qa in order if qa.question not in seen), None)
@@ -435,6 +440,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         qa_per_scene: questions per scene, qtypes cycled from a random start.
         text_fraction: wanted share of text-only samples, in [0, 1).
         qa_turns: questions per VQA sample; 1 gives single-turn samples, more gives conversations.
+        qtypes: the question types asked (default: all of ``QTYPES``): a subset gives extra practice on the
+            hard ones, e.g. ``("yesno", "position")`` beside a source of every type.
     """
 
     def __init__(
@@ -446,6 +453,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         qa_per_scene: int = 3,
         text_fraction: float = 0.2,
         qa_turns: int = 1,
+        qtypes: Sequence[QType] = QTYPES,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"ShapesDataset: split={split!r}; expected one of {SPLITS}")
@@ -456,6 +464,9 @@ class ShapesDataset(torch.utils.data.Dataset):
                 f"ShapesDataset: need tasks, size >= 0, qa_per_scene >= 0, qa_turns >= 1 and text_fraction in "
                 f"[0, 1); got {tasks=}, {size=}, {qa_per_scene=}, {qa_turns=}, {text_fraction=}"
             )
+        if not qtypes or (unknown := set(qtypes) - set(QTYPES)):
+            raise ValueError(f"ShapesDataset: qtypes={list(qtypes)}; expected a non-empty subset of {list(QTYPES)}")
+        self.qtypes = tuple(qtypes)
         self.split, self.size, self.config = split, size, config or ShapesConfig()
         slots = ["cap"] if "caption" in tasks else []
         if "vqa" in tasks and qa_turns == 1:
@@ -500,7 +511,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def questions(self, scene_index: int, scene: Scene | None = None) -> list[QA]:
         """The questions of scene ``scene_index``, in slot order q0, q1, ... (``scene``: its spec, if at hand)."""
         scene = scene if scene is not None else self.scene(scene_index)
-        return sample_questions(scene, self._rng(scene_index, "qa"), self.config, self.qa_per_scene)
+        return sample_questions(scene, self._rng(scene_index, "qa"), self.config, self.qa_per_scene, self.qtypes)
 
     def lengths(self) -> list[int]:
         """Characters of prompt + answer per index, without drawing any image (for length-grouped batching)."""
