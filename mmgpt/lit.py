@@ -49,6 +49,8 @@ class MMGPTModule(L.LightningModule):
         betas: AdamW betas; 0.95 as in GPT-3/Llama, steadier than 0.999 for short runs.
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` when training ends.
         min_lr_ratio: floor of the cosine schedule, as a fraction of the peak.
+        lr_decay_steps: steps the schedule spans (nanoGPT's ``lr_decay_iters``); None: the whole run. Longer
+            than the run, it stops part way down the cosine, as a longer run cut short would.
         freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed.
         max_new_tokens: answer length for ``predict`` and generation-based validation.
         eval_every_n_validations: every this many validation runs, also generate answers for a fixed subset
@@ -83,6 +85,7 @@ class MMGPTModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        lr_decay_steps: int | None = None,
         freeze_vision: bool = False,
         freeze_projector: bool = False,
         freeze_decoder: bool = False,
@@ -291,7 +294,11 @@ class MMGPTModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(self.hparams.betas), fused=None)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.hparams.lr_decay_steps
+        if total is None:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+        elif total < 1:
+            raise ValueError(f"MMGPTModule: lr_decay_steps={total}; expected a positive number of steps or None")
         warmup = min(self.hparams.warmup_steps, total // 2)
         floor = self.hparams.min_lr_ratio
 

@@ -111,6 +111,22 @@ def test_warmup_cosine_schedule(module):
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # monotone decay after warmup
 
 
+def test_lr_decay_steps_cuts_a_longer_schedule_short(module):
+    # A 10-step run on a 20-step schedule follows the 20-step run's rates for its 10 steps.
+    rates = []
+    for kwargs, steps in (({}, 20), ({"lr_decay_steps": 20}, 10)):
+        m = module(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1, **kwargs)
+        attach_trainer(m, max_steps=steps)
+        lam = m.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        rates.append([lam(s) for s in range(10)])
+    assert rates[1] == pytest.approx(rates[0])
+    assert rates[1][-1] > 0.5  # still high: without lr_decay_steps step 9 of 10 would be near the floor
+    with pytest.raises(ValueError, match="lr_decay_steps=-3"):
+        m = module(lr_decay_steps=-3)
+        attach_trainer(m, max_steps=5)
+        m.configure_optimizers()
+
+
 def test_warmup_is_capped_at_half_the_run(module):
     m = module(lr=1e-3, warmup_steps=100)
     attach_trainer(m, max_steps=10)
