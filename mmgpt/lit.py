@@ -110,6 +110,8 @@ class MMGPTModule(L.LightningModule):
         )
         if loss_weighting not in ("token", "sample"):
             raise ValueError(f"loss_weighting={loss_weighting!r}; expected 'token' or 'sample'")
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps={lr_decay_steps}; expected a positive number of steps or None")
         if lora is not None and freeze_decoder:
             raise ValueError("lora trains adapters in the decoder: it cannot be combined with freeze_decoder=true")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -294,11 +296,7 @@ class MMGPTModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(self.hparams.betas), fused=None)
-        total = self.hparams.lr_decay_steps
-        if total is None:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-        elif total < 1:
-            raise ValueError(f"MMGPTModule: lr_decay_steps={total}; expected a positive number of steps or None")
+        total = self.hparams.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total // 2)
         floor = self.hparams.min_lr_ratio
 

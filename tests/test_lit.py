@@ -122,9 +122,7 @@ def test_lr_decay_steps_cuts_a_longer_schedule_short(module):
     assert rates[1] == pytest.approx(rates[0])
     assert rates[1][-1] > 0.5  # still high: without lr_decay_steps step 9 of 10 would be near the floor
     with pytest.raises(ValueError, match="lr_decay_steps=-3"):
-        m = module(lr_decay_steps=-3)
-        attach_trainer(m, max_steps=5)
-        m.configure_optimizers()
+        module(lr_decay_steps=-3)  # at construction, before any model is trained
 
 
 def test_warmup_is_capped_at_half_the_run(module):

@@ -464,7 +464,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                 f"ShapesDataset: need tasks, size >= 0, qa_per_scene >= 0, qa_turns >= 1 and text_fraction in "
                 f"[0, 1); got {tasks=}, {size=}, {qa_per_scene=}, {qa_turns=}, {text_fraction=}"
             )
-        if not qtypes or (unknown := set(qtypes) - set(QTYPES)):
+        if not qtypes or set(qtypes) - set(QTYPES):
             raise ValueError(f"ShapesDataset: qtypes={list(qtypes)}; expected a non-empty subset of {list(QTYPES)}")
         self.qtypes = tuple(qtypes)
         self.split, self.size, self.config = split, size, config or ShapesConfig()
