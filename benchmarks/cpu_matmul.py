@@ -4,7 +4,7 @@
 
 Times ``x @ w`` at the shape of one SmolLM2-135M MLP projection in a training step (826 tokens x 576 -> 1536,
 the tokens of a packed stage-1 batch of 16 samples), with ``--threads`` intra-op threads, median of ``--repeats``.
-Next to each dtype it prints what ``mmgpt.precision.cpu_has_fast_matmul`` says, the check behind the warning
+Next to each dtype it prints what ``mmgpt.train.precision.cpu_has_fast_matmul`` says, the check behind the warning
 that training gives when ``trainer.precision`` is bf16 or fp16 on a CPU that has no fast kernel for it.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmgpt.precision import cpu_has_fast_matmul  # noqa: E402
+from mmgpt.train.precision import cpu_has_fast_matmul  # noqa: E402
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ The HF model is as close to mmgpt's as HF Llava allows:
   (96 px / 32 px patches = 9 tokens, where mmgpt's ViT sees 16 px patches, 36 tokens, merged 2x2 into 9). HF's
   vision tower thus does about a quarter of mmgpt's vision work, in HF's favour.
 * projector: both a 2-layer GELU MLP into the decoder width; mmgpt's input is 4x wider (the 2x2 merge).
-* decoder: an HF Llama with exactly mmgpt's config (``mmgpt.hf_llama.to_hf_llama_config``): layers, width, heads,
-  SwiGLU width, RoPE base, tied embeddings, vocabulary. HF uses its SDPA attention and dynamic KV cache.
+* decoder: an HF Llama with exactly mmgpt's config (``mmgpt.convert.hf_llama.to_hf_llama_config``): layers, width,
+  heads, SwiGLU width, RoPE base, tied embeddings, vocabulary. HF uses its SDPA attention and dynamic KV cache.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from mmgpt.generation import generate  # noqa: E402
-from mmgpt.hf_llama import to_hf_llama_config  # noqa: E402
-from mmgpt.model import MMGPT  # noqa: E402
+from mmgpt.convert.hf_llama import to_hf_llama_config  # noqa: E402
+from mmgpt.generation.engine import generate  # noqa: E402
+from mmgpt.models.mmgpt import MMGPT  # noqa: E402
 from mmgpt.prompts import IMAGE, render_prompt  # noqa: E402
 from mmgpt.tokenizer import load_tokenizer  # noqa: E402
 

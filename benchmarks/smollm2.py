@@ -37,11 +37,11 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mmgpt.convert.gguf import smollm2_dir  # noqa: E402
+from mmgpt.convert.smollm2 import chat_prompt, load_smollm2  # noqa: E402
 from mmgpt.data.chat_prompts import TEST_PROMPTS  # noqa: E402
-from mmgpt.generation import generate  # noqa: E402
-from mmgpt.gguf import smollm2_dir  # noqa: E402
-from mmgpt.int8_gemv import int8_gemv_available, int8_gemv_unavailable_reason  # noqa: E402
-from mmgpt.smollm2 import chat_prompt, load_smollm2  # noqa: E402
+from mmgpt.generation.engine import generate  # noqa: E402
+from mmgpt.generation.int8_gemv import int8_gemv_available, int8_gemv_unavailable_reason  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
 QUALITY_PROMPTS = TEST_PROMPTS[:8]  # general chat prompts that no mmgpt recipe trains on
@@ -181,8 +181,8 @@ def main() -> None:
     # Three decoders (float32, bfloat16, int8) share the one compiled decode step: let each keep its graphs.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     torch.set_num_threads(args.threads)
-    kernel = "mmgpt.int8_gemv (AVX-512)" if int8_gemv_available() else (
-        f"torch's _weight_int8pack_mm (mmgpt.int8_gemv unavailable: {int8_gemv_unavailable_reason()})"
+    kernel = "mmgpt.generation.int8_gemv (AVX-512)" if int8_gemv_available() else (
+        f"torch's _weight_int8pack_mm (mmgpt.generation.int8_gemv unavailable: {int8_gemv_unavailable_reason()})"
     )
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or 'cpu'}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); int8 matmul: {kernel}")

@@ -27,10 +27,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmgpt.cli import MMGPTCLI  # noqa: E402
 from mmgpt.data.datamodule import MMGPTDataModule  # noqa: E402
-from mmgpt.lit import MMGPTModule  # noqa: E402
-from mmgpt.precision import slow_cpu_precision_warning  # noqa: E402
+from mmgpt.train.cli import MMGPTCLI  # noqa: E402
+from mmgpt.train.module import MMGPTModule  # noqa: E402
+from mmgpt.train.precision import slow_cpu_precision_warning  # noqa: E402
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmgpt.config import VisionConfig  # noqa: E402
 from mmgpt.data.shapes import ShapesConfig, random_scene, render_scene, stable_seed  # noqa: E402
-from mmgpt.projector import pixel_shuffle  # noqa: E402
-from mmgpt.vision import VisionTower  # noqa: E402
+from mmgpt.models.projector import pixel_shuffle  # noqa: E402
+from mmgpt.models.vision import VisionTower  # noqa: E402
 
 CELLS = 9  # the scenes' 3x3 layout
 

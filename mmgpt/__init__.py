@@ -1,11 +1,12 @@
 """mmgpt: small multimodal GPTs — a timm ViT, a projector and a causal decoder, trained with Lightning."""
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
-from mmgpt.model import MMGPT
+from mmgpt.factory import create_model
+from mmgpt.models.mmgpt import MMGPT
 from mmgpt.pipeline import ImageEmbedding, Pipeline, generate, load
 
 __all__ = [
     "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "ImageEmbedding", "Pipeline",
-    "generate", "load",
+    "create_model", "generate", "load",
 ]
 __version__ = "0.1.0"

@@ -68,6 +68,7 @@ class ProjectorConfig:
 
 
 ATTENTION_MODES = ("causal", "prefix")
+BACKENDS = ("native", "hf")
 
 
 @dataclass
@@ -93,7 +94,7 @@ class DecoderConfig:
     dropout: float = 0.0
     # "causal": every token sees the tokens before it. "prefix": prefix-LM as PaliGemma, bidirectional over the
     # image and prompt and causal over the answer; the prompt is read as a whole before the answer is written.
-    # Training and generation build the same mask from it (decoder.build_attention_mask).
+    # Training and generation build the same mask from it (models/attention.py).
     attention: str = "causal"
     # A pretrained causal LM as the decoder instead of the native one: a local HF directory (Llama, Qwen2,
     # GPT-2, ... anything AutoModelForCausalLM loads) or a .gguf file. Its weights are read when training starts;
@@ -102,15 +103,22 @@ class DecoderConfig:
     # That LM's config (config.json as a dict), filled in from hf_path: a saved model rebuilds its decoder from
     # this alone, without hf_path.
     hf_config: dict[str, Any] | None = None
-    # With hf_path: convert a Llama-family LM (Llama, SmolLM2, ...) into the native decoder instead of running it
-    # through transformers: the same outputs, a leaner and faster decode step. The native fields above are then
-    # filled from its config.
-    hf_native: bool = False
+    # Which implementation runs the decoder. "native": mmgpt's own (models/decoder.py). "hf": the transformers
+    # model of hf_path/hf_config as it is. With hf_path, "native" converts a Llama-family LM (Llama, SmolLM2, ...)
+    # into the native decoder: the same outputs, a leaner and faster decode step, the size fields above filled
+    # from its config. None: "hf" when hf_path or hf_config is given, else "native".
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"decoder.attention={self.attention!r} is not one of {list(ATTENTION_MODES)}")
-        if self.hf_config is not None and not self.hf_native:
+        if self.backend is None:
+            self.backend = "hf" if self.hf_path is not None or self.hf_config is not None else "native"
+        if self.backend not in BACKENDS:
+            raise ValueError(f"decoder.backend={self.backend!r} is not one of {list(BACKENDS)}")
+        if self.backend == "hf" and self.hf_path is None and self.hf_config is None:
+            raise ValueError("decoder.backend='hf' runs a transformers LM: give its local directory in decoder.hf_path")
+        if self.hf_config is not None and self.backend == "hf":
             # The projector writes into the LM's embedding space; generation stays within its context length.
             text = self.hf_config.get("text_config") or self.hf_config
             self.n_embd = text.get("hidden_size") or text["n_embd"]
@@ -129,11 +137,6 @@ class DecoderConfig:
         if self.intermediate_size is None:
             # Llama keeps SwiGLU's parameter count equal to a 4x GELU MLP: 2/3 * 4 * n_embd, rounded to 16.
             self.intermediate_size = 16 * -(-int(8 * self.n_embd / 3) // 16)
-
-    @property
-    def is_hf(self) -> bool:
-        """True when the decoder is a transformers model (``hf_path``/``hf_config``), not the native one."""
-        return (self.hf_path is not None or self.hf_config is not None) and not self.hf_native
 
     @property
     def head_size(self) -> int:

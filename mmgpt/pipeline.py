@@ -1,39 +1,28 @@
 """The user-facing model object: load from a checkpoint or an exported directory, generate or stream text, save.
 
-An exported directory is self-contained and loads without executing code::
-
-    config.yaml           MMGPTConfig
-    model.safetensors     weights
-    tokenizer.json        the tokenizer (plus tokenizer_config.json)
+File formats are ``mmgpt.checkpoint``'s; this module turns images and prompts into text.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerFast
 
-from mmgpt.config import MMGPTConfig
-from mmgpt.generation import cut_at_stop_string, stream_tokens
-from mmgpt.generation import generate as generate_ids
-from mmgpt.image_processor import ImageInput
-from mmgpt.lora import LoRAConfig, apply_lora, merge_lora
-from mmgpt.model import MMGPT
+from mmgpt.checkpoint import CONFIG_FILE, load_checkpoint, save_exported
+from mmgpt.data.collate import pad_rows
+from mmgpt.generation.engine import cut_at_stop_string, stream_tokens
+from mmgpt.generation.engine import generate as generate_ids
+from mmgpt.models.image_processor import ImageInput
+from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import conversation, encode_conversation
-from mmgpt.tokenizer import ASSETS, load_tokenizer, tokenizer_from_files
+from mmgpt.tokenizer import ASSETS
 
 DEFAULT_MODEL = ASSETS / "default_model"
-CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
-# Key under which a Lightning checkpoint carries the tokenizer, so that a .ckpt alone is enough to load.
-CKPT_TOKENIZER_KEY, CKPT_CONFIG_KEY = "mmgpt_tokenizer", "mmgpt_config"
-# Present when the decoder was trained with LoRA adapters: loading re-creates them, then merges them.
-CKPT_LORA_KEY = "mmgpt_lora"
 
 
 @dataclass(frozen=True)
@@ -74,32 +63,11 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Pipeline:
         """Load an exported directory or a Lightning ``.ckpt`` file (see ``mmgpt.load``)."""
-        path = Path(path)
-        if path.is_dir():
-            config_file = path / CONFIG_FILE
-            if not config_file.is_file():
-                raise FileNotFoundError(f"{path} is not an exported mmgpt model: {CONFIG_FILE} is missing")
-            model = _model_for_weights(MMGPTConfig.from_yaml(config_file))
-            weights = path / WEIGHTS_FILE
-            if not weights.is_file():
-                raise FileNotFoundError(f"{path} is not an exported mmgpt model: {WEIGHTS_FILE} is missing")
-            model.to(map_location)
-            load_model(model, str(weights), device=str(map_location))
-            return cls(model, load_tokenizer(path))
-        if path.is_file():
-            model, tokenizer = _from_lightning_checkpoint(path, map_location)
-            return cls(model.to(map_location), tokenizer)
-        raise FileNotFoundError(f"no model at {path}: expected an exported directory or a Lightning .ckpt file")
+        return cls(*load_checkpoint(path, map_location))
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config, safetensors weights and tokenizer to directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # Self-contained: the weights are all in model.safetensors, so no original checkpoint file is referenced.
-        config = self.model.config
-        config.replace(vision=dataclasses.replace(config.vision, checkpoint_path=None)).save_yaml(path / CONFIG_FILE)
-        save_model(self.model, str(path / WEIGHTS_FILE))  # handles the tied embedding/lm_head weights
-        self.tokenizer.save_pretrained(path)
+        save_exported(self.model, self.tokenizer, path)
 
     def encode(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """Tokenize prompts (left-padded) and process images; returns ``(input_ids, attention_mask, images)``.
@@ -135,7 +103,8 @@ class Pipeline:
             )[0]
             for ims, p in zip(per_prompt, prompts, strict=True)
         ]
-        return *left_pad(rows, self.tokenizer.pad_token_id, self.device), per_prompt
+        ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, side="left")
+        return ids.to(self.device), mask.to(self.device), per_prompt
 
     def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         return torch.stack([self.processor(im) for im in images]).to(self.device) if images else None
@@ -191,7 +160,7 @@ class Pipeline:
             prompts: the user's text, or a list; ``None`` with an image asks for a caption.
             max_new_tokens: the most tokens to generate per answer.
             seed: seeds sampling for reproducible results (or pass ``generator=torch.Generator()``).
-            **sampling: any argument of ``mmgpt.generation.generate`` in HF ``generate``'s names: ``do_sample``,
+            **sampling: any argument of ``mmgpt.generation.engine.generate`` in HF ``generate``'s names: ``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
                 ``eos_token_id`` (default: the tokenizer's), ``stop_strings`` (cut from the text), ``compile``.
@@ -292,56 +261,6 @@ class _TextStream:
 
     def end(self) -> str:
         return self._release(final=True)
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device | str = "cpu"):
-    """Token rows -> ``(input_ids, attention_mask)`` ``(B, T)``, padded on the left so every row ends at slot T."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r) :], mask[i, T - len(r) :] = torch.tensor(r, dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
-
-
-def _model_for_weights(config: MMGPTConfig) -> MMGPT:
-    """A model to load saved weights into: the vision tower's original checkpoint file is not read (the saved
-    weights replace it, and an exported model must load where that file does not exist)."""
-    return MMGPT(config.replace(vision=dataclasses.replace(config.vision, checkpoint_path=None)))
-
-
-def _from_lightning_checkpoint(path: Path, map_location) -> tuple[MMGPT, PreTrainedTokenizerFast]:
-    # weights_only=True: a checkpoint is data; loading it must never run code from the file.
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read safely"
-        raise ValueError(f"{path}: cannot read as a Lightning checkpoint with weights_only=True ({e})") from e
-    if not isinstance(ckpt, dict) or CKPT_CONFIG_KEY not in ckpt or CKPT_TOKENIZER_KEY not in ckpt:
-        raise ValueError(f"{path}: not an mmgpt training checkpoint (no model config or tokenizer inside)")
-    config = MMGPTConfig.from_dict(ckpt[CKPT_CONFIG_KEY])
-    model = _model_for_weights(config)
-    if ckpt.get(CKPT_LORA_KEY):
-        apply_lora(model.decoder, LoRAConfig(**ckpt[CKPT_LORA_KEY]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    if ckpt.get(CKPT_LORA_KEY):
-        merge_lora(model.decoder)  # inference and export use plain weights
-    return model, tokenizer_from_files(ckpt[CKPT_TOKENIZER_KEY])
-
-
-def load_weights(model: MMGPT, path: str | Path) -> None:
-    """Copy the weights of a trained model (a ``.ckpt`` or an exported directory) into ``model``.
-
-    Args:
-        model: a model of the same architecture.
-        path: what ``mmgpt.load`` accepts; LoRA adapters in it are merged first.
-    """
-    source = Pipeline.from_pretrained(path).model
-    try:
-        model.load_state_dict(source.state_dict())
-    except RuntimeError as e:
-        raise ValueError(f"init_from={path}: its weights do not fit this model's architecture: {e}") from e
 
 
 def load(path: str | Path | None = None, map_location: str | torch.device = "cpu") -> Pipeline:

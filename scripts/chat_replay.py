@@ -39,8 +39,8 @@ from torch.utils.data import Subset  # noqa: E402
 import mmgpt  # noqa: E402
 from mmgpt.data.chat_prompts import chat_prompts  # noqa: E402
 from mmgpt.data.sources import Conversations  # noqa: E402
-from mmgpt.evaluation import teacher_forced  # noqa: E402
-from mmgpt.generation import generate as generate_ids  # noqa: E402
+from mmgpt.eval.evaluate import teacher_forced  # noqa: E402
+from mmgpt.generation.engine import generate as generate_ids  # noqa: E402
 
 
 def answer(pipeline, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[tuple[str, bool]]:

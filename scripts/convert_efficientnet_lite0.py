@@ -19,7 +19,7 @@ from pathlib import Path
 import timm
 from safetensors.torch import save_file
 
-from mmgpt.efficientnet_lite import TIMM_NAME, convert_state_dict, find_lite0_weights, load_lite0_weights
+from mmgpt.convert.efficientnet_lite import TIMM_NAME, convert_state_dict, find_lite0_weights, load_lite0_weights
 
 # Beside the converted SmolLM2 (scripts/convert_gguf.py), where configs/smollm2_shapes.yaml looks for both.
 DEFAULT_OUT = "~/.cache/mmgpt/tf_efficientnet_lite0.safetensors"

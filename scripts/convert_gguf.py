@@ -7,7 +7,7 @@
 
 The directory holds config.json, model.safetensors (float32, de-quantized), generation_config.json and the
 tokenizer (with its chat template). The conversion reloads it and requires the GGUF-loaded model's logits, bit for
-bit. Then: ``mmgpt.hf_llama.load_hf_llama_decoder(out)`` or ``mmgpt.smollm2.load_smollm2(path=out)``.
+bit. Then: ``mmgpt.convert.hf_llama.load_hf_llama_decoder(out)`` or ``mmgpt.convert.smollm2.load_smollm2(path=out)``.
 Nothing is downloaded.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
 
-from mmgpt.gguf import DEFAULT_CACHE, convert_gguf, find_smollm2_gguf, is_converted  # noqa: E402
+from mmgpt.convert.gguf import DEFAULT_CACHE, convert_gguf, find_smollm2_gguf, is_converted  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 import mmgpt
-from mmgpt.llava import export_llava, import_llava
+from mmgpt.convert.llava import export_llava, import_llava
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import load_tokenizer
 

@@ -18,7 +18,7 @@ import yaml
 import mmgpt
 from mmgpt.data.datamodule import DataSource, MMGPTDataModule
 from mmgpt.data.shapes import ShapesConfig
-from mmgpt.evaluation import evaluate
+from mmgpt.eval.evaluate import evaluate
 
 
 def datamodule_from(spec: str) -> MMGPTDataModule:

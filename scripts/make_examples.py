@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import mmgpt
 from mmgpt.data.shapes import ShapesConfig, ShapesDataset, caption, render_scene
-from mmgpt.metrics import exact_match
+from mmgpt.eval.metrics import exact_match
 
 DISPLAY = 192  # scenes are rendered at the model's input size (tens of px); upscaled, nearest, to read in a README
 

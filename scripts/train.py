@@ -5,7 +5,7 @@
     python scripts/train.py fit --config configs/shapes.yaml --print_config
 """
 
-from mmgpt.cli import main
+from mmgpt.train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ and one short training run whose checkpoint several test files load."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import pytest
 import torch
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
-from mmgpt.model import MMGPT
+from mmgpt.data.datamodule import DataSource, MMGPTDataModule
+from mmgpt.data.shapes import ShapesConfig
+from mmgpt.models.mmgpt import MMGPT
 from mmgpt.pipeline import Pipeline
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import load_tokenizer
+from mmgpt.train.module import MMGPTModule
 
 # The components of configs/tiny.yaml: a 2-block ViT at 32 px with 8 px patches (4x4 grid), pixel shuffle 2
 # (4 image tokens), and a 2-layer GQA decoder.
@@ -77,16 +81,42 @@ def model(tiny_config) -> MMGPT:
     return MMGPT(tiny_config).eval()
 
 
-@pytest.fixture
-def lively(model):
-    """The tiny model with O(1) random weights: at the default 0.02 init a tied-embedding decoder just repeats
-    its last token, and a test of generation would compare runs of one constant token."""
-    g = torch.Generator().manual_seed(0)
+def make_lively(model: MMGPT, seed: int = 0) -> MMGPT:
+    """``model`` with O(1) random weights, in eval mode: at the default 0.02 init a tied-embedding decoder just
+    repeats its last token, and a test of generation would compare runs of one constant token."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.3, generator=g)
-    return model
+    return model.eval()
+
+
+@pytest.fixture
+def lively(model):
+    """The tiny model with O(1) random weights (``make_lively``)."""
+    return make_lively(model)
+
+
+@pytest.fixture
+def module(tiny_parts):
+    """``module(**kwargs)`` builds an ``MMGPTModule`` of the tiny architecture; ``decoder=`` overrides fields."""
+
+    def build(decoder=None, **kwargs) -> MMGPTModule:
+        parts = dict(tiny_parts)
+        parts["decoder"] = dataclasses.replace(parts["decoder"], **(decoder or {}))
+        torch.manual_seed(0)
+        return MMGPTModule(**parts, **kwargs)
+
+    return build
+
+
+def tiny_data(m: MMGPTModule) -> MMGPTDataModule:
+    return MMGPTDataModule(
+        train=[DataSource("shapes", size=2)], val=[DataSource("shapes", size=1)],
+        shapes=ShapesConfig(image_size=32), batch_size=4, max_length=96,
+        processor=m.processor, image_seq_len=m.image_seq_len,
+    )
 
 
 @pytest.fixture
@@ -107,7 +137,7 @@ def trained(tmp_path_factory):
 
     from mmgpt.data.datamodule import DataSource, MMGPTDataModule
     from mmgpt.data.shapes import ShapesConfig
-    from mmgpt.lit import MMGPTModule
+    from mmgpt.train.module import MMGPTModule
 
     root = tmp_path_factory.mktemp("fit")
     L.seed_everything(0, verbose=False)
@@ -132,9 +162,9 @@ def trained(tmp_path_factory):
 
 def cli(tmp_path, subcommand: str, *args: str, config: Path = TINY_YAML):
     """Run the CLI in-process (what scripts/train.py does), quiet and writing under tmp_path."""
-    from mmgpt.cli import MMGPTCLI
     from mmgpt.data.datamodule import MMGPTDataModule
-    from mmgpt.lit import MMGPTModule
+    from mmgpt.train.cli import MMGPTCLI
+    from mmgpt.train.module import MMGPTModule
 
     return MMGPTCLI(
         MMGPTModule, MMGPTDataModule, save_config_kwargs={"overwrite": True},

@@ -8,7 +8,7 @@ import pytest
 
 import mmgpt
 from mmgpt.data.shapes import ShapesConfig, ShapesDataset
-from mmgpt.metrics import exact_match, vqa_score
+from mmgpt.eval.metrics import exact_match, vqa_score
 from mmgpt.pipeline import DEFAULT_MODEL
 
 pytestmark = pytest.mark.skipif(

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import mmgpt
-from mmgpt.pipeline import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY, DEFAULT_MODEL, Pipeline
+from mmgpt.checkpoint import CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY
+from mmgpt.pipeline import DEFAULT_MODEL, Pipeline
 from mmgpt.tokenizer import load_tokenizer, tokenizer_from_files
 
 

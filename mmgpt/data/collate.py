@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from mmgpt.data.sample import Sample
-from mmgpt.image_processor import ImageProcessor
+from mmgpt.models.image_processor import ImageProcessor
 from mmgpt.prompts import encode_conversation
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and padding positions
@@ -93,18 +92,9 @@ class Collator:
         rows = [self._row(s) for s in samples]
         if self.pack:
             return self._packed(samples, rows)
-        T = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, (ids, lab) in enumerate(rows):
-            n = len(ids)
-            # Training pads on the right (causal attention never looks ahead into it); generation on the left.
-            sl = slice(0, n) if self.mode == "train" else slice(T - n, T)
-            input_ids[i, sl] = torch.tensor(ids)
-            attention_mask[i, sl] = 1
-            if lab:
-                labels[i, sl] = torch.tensor(lab)
+        # Training pads on the right (causal attention never looks ahead into it); generation on the left.
+        side = "right" if self.mode == "train" else "left"
+        input_ids, attention_mask = pad_rows([ids for ids, _ in rows], self.pad_id, side)
         pixels = [self.processor(s.image) for s in samples if s.image is not None]
         batch = {
             "input_ids": input_ids,  # (B, T)
@@ -114,7 +104,7 @@ class Collator:
             "tasks": [s.task for s in samples],
         }
         if self.mode == "train":
-            batch["labels"] = labels  # (B, T)
+            batch["labels"] = pad_rows([lab for _, lab in rows], IGNORE_INDEX, side)[0]  # (B, T)
             # The prompt of every row starts at slot 0 and ends here: the prefix of decoder.attention="prefix".
             # Everything before the first answer token; with several turns, later user turns stay causal.
             batch["prefix_lengths"] = _prefix_lengths(rows)  # (B,)
@@ -176,11 +166,18 @@ def _prefix_lengths(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     return torch.tensor([next(i for i, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows])
 
 
-def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a ``(B, T)`` batch's loss is: ``is_target`` ``(B, T-1)``, True where position t's next token is
-    supervised, and the same positions as flat indices into ``B * T`` for ``MMGPT.forward(logits_at=...)``, which
-    then computes logits there only (``(K, vocab)``, row-major, in the order of ``labels[:, 1:][is_target]``)."""
-    is_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
-    # Computed eagerly (a data-dependent shape), so that a compiled forward can take it.
-    logits_at = F.pad(is_target, (0, 1)).flatten().nonzero().squeeze(1)  # (K,)
-    return is_target, logits_at
+def pad_rows(rows: Sequence[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> ``(ids, attention_mask)``, both ``(B, T)`` long, 1 on real tokens.
+
+    ``side="left"`` is how generation pads: every row's last token then sits in the same slot, so one decode step
+    serves all rows.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}; expected 'left' or 'right'")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask

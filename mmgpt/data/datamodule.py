@@ -13,7 +13,7 @@ from mmgpt.data.length_grouped import LengthGroupedSampler
 from mmgpt.data.sample import Task
 from mmgpt.data.shapes import QTYPES, QType, ShapesConfig, ShapesDataset
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
-from mmgpt.image_processor import ImageProcessor
+from mmgpt.models.image_processor import ImageProcessor
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 

@@ -1,0 +1,128 @@
+"""Generation-based evaluation: batched greedy answers over a dataset, scored per task.
+
+Captions get BLEU-4, CIDEr-D, ROUGE-L and exact match; VQA gets the VQAv2 accuracy, overall and per question
+type; text-only samples get exact match and a teacher-forced perplexity of the reference answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from transformers import PreTrainedTokenizerFast
+
+from mmgpt.data.collate import Collator
+from mmgpt.eval.metrics import caption_metrics, exact_match, perplexity, vqa_metrics
+from mmgpt.generation.engine import generate
+from mmgpt.models.mmgpt import MMGPT
+from mmgpt.train.loss import next_token_targets
+
+
+@torch.inference_mode()
+def predict(
+    model: MMGPT,
+    tokenizer: PreTrainedTokenizerFast,
+    dataset: Dataset,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+) -> list[dict]:
+    """Greedy answers for every sample of ``dataset``.
+
+    Returns:
+        One dict per sample: ``id``, ``task``, ``qtype``, ``prompt``, ``prediction``, ``answers``.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.decoder.wte.weight.device
+    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="generate")
+    rows = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        images = batch["images"].to(device) if batch["images"] is not None else None
+        new = generate(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), images,
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            rows.append({
+                "id": batch["ids"][i], "task": batch["tasks"][i], "qtype": batch["qtypes"][i],
+                "prompt": batch["prompts"][i], "prediction": text.strip(), "answers": batch["answers"][i],
+            })
+    model.train(was_training)
+    return rows
+
+
+@torch.inference_mode()
+def text_nll(
+    model: MMGPT, tokenizer: PreTrainedTokenizerFast, dataset: Dataset, batch_size: int = 32, max_length: int = 256
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answers (teacher forced) and their token count."""
+    stats = teacher_forced(model, tokenizer, dataset, batch_size, max_length)
+    return stats["nll"], stats["tokens"]
+
+
+@torch.inference_mode()
+def teacher_forced(
+    model: MMGPT, tokenizer: PreTrainedTokenizerFast, dataset: Dataset, batch_size: int = 32, max_length: int = 256
+) -> dict[str, float]:
+    """The reference answers fed to the model token by token: ``{"nll": summed negative log-likelihood,
+    "top1": how many of their tokens are the model's own first choice, "tokens": how many there are}``."""
+    device = model.decoder.wte.weight.device
+    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="train")
+    total, top1, count = 0.0, 0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        images = batch["images"].to(device) if batch["images"] is not None else None
+        is_target, logits_at = next_token_targets(batch["labels"].to(device))  # (B, T-1), (K,)
+        logits = model(
+            batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device),
+            logits_at=logits_at,
+        )  # (K, V): only where a reference token is predicted
+        targets = batch["labels"][:, 1:].to(device)[is_target]  # (K,)
+        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        top1 += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    return {"nll": total, "top1": top1, "tokens": count}
+
+
+def score(rows: Sequence[dict]) -> dict[str, float]:
+    """Metrics over predictions from ``predict``, grouped by task (keys like ``caption/cider_d``)."""
+    out: dict[str, float] = {"samples": float(len(rows))}
+    captions = [r for r in rows if r["task"] == "caption"]
+    if captions:
+        m = caption_metrics([r["prediction"] for r in captions], [r["answers"] for r in captions])
+        out.update({f"caption/{k}": v for k, v in m.items()})
+        out["caption/samples"] = float(len(captions))
+    vqa = [r for r in rows if r["task"] == "vqa"]
+    if vqa:
+        m = vqa_metrics([r["prediction"] for r in vqa], [r["answers"] for r in vqa], [r["qtype"] for r in vqa])
+        out.update({f"vqa/{k}": v for k, v in m.items()})
+        out["vqa/samples"] = float(len(vqa))
+    text = [r for r in rows if r["task"] == "text"]
+    if text:
+        out["text/exact_match"] = sum(exact_match(r["prediction"], r["answers"]) for r in text) / len(text)
+        out["text/samples"] = float(len(text))
+    return out
+
+
+def evaluate(
+    model: MMGPT,
+    tokenizer: PreTrainedTokenizerFast,
+    dataset: Dataset,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+    limit: int | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """Generate over (the first ``limit`` samples of) ``dataset`` and score; returns ``(metrics, rows)``."""
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
+    rows = predict(model, tokenizer, dataset, batch_size, max_new_tokens, max_length)
+    metrics = score(rows)
+    text_idx = [i for i, r in enumerate(rows) if r["task"] == "text"]
+    if text_idx:
+        nll, n = text_nll(model, tokenizer, Subset(dataset, text_idx), batch_size, max_length)
+        metrics["text/ppl"] = perplexity(nll, n)
+    return metrics, rows

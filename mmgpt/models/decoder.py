@@ -1,0 +1,300 @@
+"""A Llama-style causal decoder: RoPE, grouped-query attention through SDPA, SwiGLU, RMSNorm, a static KV cache.
+
+Who sees whom is decided in ``mmgpt.models.attention``: causal with padding hidden, or a prefix-LM
+(``decoder.attention="prefix"``) whose image and prompt attend to each other both ways.
+
+Numerically it is HF ``LlamaForCausalLM`` (a test copies random weights across and compares logits); the layout
+follows litgpt: fused ``qkv`` and fused gate/up projections, so one decode step runs fewer, larger matmuls —
+at small sizes a CPU decode step is dominated by per-op overhead, not FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mmgpt.config import DecoderConfig
+from mmgpt.models.attention import build_attention_mask, default_position_ids
+
+
+def build_rope_cache(
+    seq_len: int, head_size: int, base: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cos/sin tables for rotary embeddings, in HF's "rotate half" layout (so Llama weights need no permute).
+
+    The sin table comes with its first half negated: ``apply_rope`` then rotates with one ``roll`` instead of
+    slicing, negating and concatenating (the same numbers, bit for bit, in fewer ops per decode step).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    cos = torch.cat((freqs, freqs), dim=-1).cos()  # (T, hs)
+    signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (T, hs)
+    return cos, signed_sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, nh, hs); cos/signed_sin: (B, T, 1, hs) broadcast over heads.
+    # HF's rotate_half(x) * sin is (-x2 * s, x1 * s), which is roll(x) = (x2, x1) times (-s, s).
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values written at ``input_pos``: no reallocation and no ``torch.cat`` per step."""
+
+    def __init__(
+        self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        # Not persistent: a cache is scratch space, never part of a checkpoint.
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: (T,) cache slots; k, v: (B, ng, T, hs). Returns the whole cache (B, ng, S, hs).
+        if self.k.dtype != k.dtype:  # only when autocast changed the compute dtype after set_kv_cache
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat, or reorder) batch rows: drops finished rows, expands one prompt into several
+        samples or beams, and follows beam search's choice of parents. Costs one copy, never per token."""
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
+
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one query per row (a decode step), written out.
+
+    What SDPA computes, for the compiled decode step: there the scores, the softmax and the weighted sum fuse
+    into one loop, while SDPA's CPU kernel costs far more than this little arithmetic (a third of a step).
+
+    Args:
+        q: ``(B, nh, 1, hs)``; k, v: ``(B, ng, S, hs)`` with ``nh`` a multiple of ``ng`` (grouped queries).
+        mask: ``(B or 1, 1, 1, S)`` boolean (True = attend) or additive, or ``None``.
+
+    Returns:
+        ``(B, nh, 1, hs)``.
+    """
+    B, nh, _, hs = q.shape
+    ng = k.size(1)
+    q = q.view(B, ng, nh // ng, 1, hs)  # the query heads that share each key/value head
+    scores = (q * k[:, :, None]).sum(-1) * hs**-0.5  # (B, ng, nh/ng, S)
+    if mask is not None:
+        mask = mask.view(mask.size(0), 1, 1, -1)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    y = (scores.softmax(dim=-1)[..., None] * v[:, :, None]).sum(-2)  # (B, ng, nh/ng, hs)
+    return y.view(B, nh, 1, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
+        qkv_dim = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs, nh, ng = self.head_size, self.n_head, self.n_query_groups
+        qkv = self.qkv(x).view(B, T, nh + 2 * ng, hs)
+        # Queries and keys are rotated in one call: at decode time every saved op counts.
+        qk = apply_rope(qkv[:, :, : nh + ng], cos, sin)  # (B, T, nh + ng, hs)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, ng, T, hs)
+        v = qkv[:, :, nh + ng :].transpose(1, 2)  # (B, ng, T, hs)
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos was given but no KV cache is set up; call decoder.set_kv_cache() first")
+            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
+            if mask is not None and mask.size(-1) < k.size(2):
+                # A mask over the first S' slots says the rest are unwritten: skip them instead of masking them.
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+        if T == 1 and not self.training and torch.compiler.is_compiling():
+            y = single_query_attention(q, k, v, mask)  # a compiled decode step: fuses, unlike SDPA's kernel
+        else:
+            # Never pass both a mask and is_causal=True: SDPA rejects it, and the mask already says everything.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=ng != nh,
+            )  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hs))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        # gate and up projections fused into one matmul; split in forward.
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.norm_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Decoder(nn.Module):
+    """The language model. ``forward`` returns logits; the loss belongs to the training code."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("decoder.vocab_size is not set: build the model with a tokenizer (vocab_size=len(tok))")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        # Not persistent: derived from the config, so checkpoints stay portable across block sizes.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of keeping them (HF's switch and name):
+        # activation memory drops from every block's intermediates to one (B, T, C) input per block, for about
+        # one extra forward pass of compute.
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for the projections that write into the residual stream keeps its variance
+        # independent of depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * config.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint every block while training (HF's name for the switch)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: int | None = None,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        """Allocate a static KV cache for ``batch_size`` rows of up to ``max_seq_length`` tokens."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds decoder.block_size={self.config.block_size}")
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.h:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size, device, dtype
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.h:
+            block.attn.kv_cache = None
+
+    def kv_cache_select(self, rows: torch.Tensor) -> None:
+        """Keep, repeat or reorder the cache's batch rows (see ``KVCache.select``)."""
+        for block in self.h:
+            block.attn.kv_cache.select(rows)
+
+    @property
+    def kv_cache_length(self) -> int:
+        cache = self.h[0].attn.kv_cache
+        return 0 if cache is None else cache.k.size(2)
+
+    def check_positions(self, position_ids: torch.Tensor) -> None:
+        """Raise if a position is beyond the RoPE table (``block_size``)."""
+        if int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(
+                f"sequence position {int(position_ids.max())} is beyond decoder.block_size={self.config.block_size}"
+            )
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder.
+
+        Args:
+            idx: token ids ``(B, T)``; or give ``inputs_embeds`` ``(B, T, n_embd)`` instead.
+            input_pos: ``(T,)`` KV-cache slots to write; ``None`` runs without a cache (training).
+            position_ids: ``(B, T)`` RoPE positions; default ``input_pos`` (or ``0..T-1``). Differ from the
+                cache slots for left-padded rows, whose first real token is position 0.
+            attn_mask: boolean (True = attend) or additive float, from ``build_attention_mask``.
+                ``(B or 1, 1, T, T)`` without a cache; with one, ``(B or 1, 1, T, S')`` over the first ``S'``
+                cache slots (the slots after them are not attended at all). ``None`` means plain causal
+                attention.
+            logits_to_keep: compute logits for the last this many positions only (0 = all), as HF: a prefill
+                needs just the last one, and the vocabulary projection is its largest matmul.
+            logits_at: ``(K,)`` indices into the ``B * T`` positions flattened row-major: compute logits there only.
+                For training, whose loss needs them only where a target is predicted (a tenth to a third of the
+                positions with short answers); with a 49k vocabulary the skipped projection and its float32
+                softmax are a large share of a step. Indices rather than a mask: no data-dependent shape inside.
+
+        Returns:
+            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given); ``(K, vocab_size)`` with ``logits_at``.
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx or inputs_embeds")
+        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = default_position_ids(input_pos, B, T, x.device)
+        if input_pos is None and not torch.compiler.is_compiling():
+            # Checked without a cache only: a cache is never larger than block_size (set_kv_cache checks), and a
+            # per-step check would cost a device sync on every generated token. Compiled training checks eagerly.
+            self.check_positions(position_ids)
+        cos = self.cos[position_ids].unsqueeze(2).to(x.dtype)  # (B, T, 1, hs)
+        sin = self.sin[position_ids].unsqueeze(2).to(x.dtype)
+        if input_pos is not None and attn_mask is None:
+            # Causal over cache slots: query at slot p sees slots 0..p, never the unwritten rest of the cache.
+            all_valid = torch.ones(1, self.kv_cache_length, dtype=torch.bool, device=x.device)
+            attn_mask = build_attention_mask(all_valid, input_pos)  # (1, 1, T, S)
+        # Only when gradients will flow: in eval or under no_grad there is nothing to save memory on.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.h:
+            if recompute:
+                # Non-reentrant: works with DDP, torch.compile and inputs that need no grad, and restores the RNG
+                # state so dropout draws the same masks when the block is recomputed.
+                x = checkpoint(block, x, cos, sin, attn_mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, input_pos)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]  # (K, C)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab) or (K, vocab)
