@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mmgpt.train.precision import cpu_has_fast_matmul  # noqa: E402
+from mmgpt.train.precision import cpu_has_fast_matmul
 
 
 def main() -> None:

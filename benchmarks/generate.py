@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -35,15 +34,14 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.convert.hf_llama import to_hf_llama_config
+from mmgpt.generation.engine import generate
+from mmgpt.models.mmgpt import MMGPT
+from mmgpt.prompts import IMAGE, render_prompt
+from mmgpt.tokenizer import load_tokenizer
 
-from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from mmgpt.convert.hf_llama import to_hf_llama_config  # noqa: E402
-from mmgpt.generation.engine import generate  # noqa: E402
-from mmgpt.models.mmgpt import MMGPT  # noqa: E402
-from mmgpt.prompts import IMAGE, render_prompt  # noqa: E402
-from mmgpt.tokenizer import load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = [
     "What color is the circle?", "Describe the image.", "How many shapes are there?", "Where is the red square?",

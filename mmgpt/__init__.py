@@ -2,11 +2,12 @@
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.factory import create_model
+from mmgpt.generation.config import GenerationConfig
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.pipeline import ImageEmbedding, Pipeline, generate, load
 
 __all__ = [
-    "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "ImageEmbedding", "Pipeline",
-    "create_model", "generate", "load",
+    "MMGPT", "MMGPTConfig", "VisionConfig", "ProjectorConfig", "DecoderConfig", "GenerationConfig", "ImageEmbedding",
+    "Pipeline", "create_model", "generate", "load",
 ]
 __version__ = "0.1.0"

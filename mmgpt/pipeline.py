@@ -5,6 +5,7 @@ File formats are ``mmgpt.checkpoint``'s; this module turns images and prompts in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,10 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgpt.checkpoint import CONFIG_FILE, load_checkpoint, save_exported
 from mmgpt.data.collate import pad_rows
-from mmgpt.generation.engine import cut_at_stop_string, stream_tokens
+from mmgpt.generation.config import GenerationConfig
 from mmgpt.generation.engine import generate as generate_ids
+from mmgpt.generation.engine import resolve_generation_config, stream_tokens
+from mmgpt.generation.stopping import cut_at_stop_string
 from mmgpt.models.image_processor import ImageInput
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import conversation, encode_conversation
@@ -51,6 +54,11 @@ class Pipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = model.processor
+        # The defaults of every generate/stream call, as HF's model.generation_config; a call's keywords and
+        # generation_config override them.
+        self.generation_config = GenerationConfig(
+            max_new_tokens=48, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +98,7 @@ class Pipeline:
         Returns:
             An ``ImageEmbedding`` to pass to ``generate``/``stream`` in place of the image.
         """
-        return ImageEmbedding(self.model.encode_images(self._pixels([image]))[0])
+        return ImageEmbedding(self._encode_images([image])[0])
 
     def _tokenize(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         if len(images) != len(prompts):
@@ -115,9 +123,6 @@ class Pipeline:
         flat = [im for ims in per_prompt for im in ims]
         if not flat:
             return ids, mask, None
-        raw = [im for im in flat if not isinstance(im, ImageEmbedding)]
-        with torch.inference_mode():
-            encoded = iter(self.model.encode_images(self._pixels(raw)) if raw else ())
         shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
         for im in flat:
             if isinstance(im, ImageEmbedding) and tuple(im.embeds.shape) != shape:
@@ -125,19 +130,38 @@ class Pipeline:
                     f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
                     f"{shape}; encode the image with this pipeline's encode_image"
                 )
+        raw = [im for im in flat if not isinstance(im, ImageEmbedding)]
+        encoded = iter(self._encode_images(raw))
         embeds = [im.embeds.to(self.device) if isinstance(im, ImageEmbedding) else next(encoded) for im in flat]
         return ids, mask, torch.stack(embeds)
 
-    def _sampling(self, seed: int | None, sampling: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
-        kwargs.update(sampling)
-        if seed is not None:
-            if kwargs.get("generator") is not None:
-                raise ValueError("pass seed or generator, not both")
-            kwargs["generator"] = torch.Generator(device=self.device).manual_seed(seed)
-        if kwargs.get("stop_strings"):
-            kwargs["tokenizer"] = self.tokenizer
-        return kwargs
+    @torch.inference_mode()
+    def _encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> ``(N, image_seq_len, n_embd)`` embeddings, in one batch (``N = 0``: an empty tensor)."""
+        if not images:
+            return torch.empty(0, self.model.image_seq_len, self.model.config.decoder.n_embd, device=self.device)
+        return self.model.encode_images(self._pixels(images))
+
+    def _generation_config(
+        self, generation_config: GenerationConfig | None, max_new_tokens: int | None, kwargs: dict[str, Any]
+    ) -> GenerationConfig:
+        """The config a call decodes with: ``generation_config`` (default ``self.generation_config``), then the
+        call's keywords; eos and pad come from the tokenizer unless set."""
+        config = generation_config or self.generation_config
+        if config.eos_token_id is None:
+            config = config.update(eos_token_id=self.tokenizer.eos_token_id)
+        if config.pad_token_id is None:
+            config = config.update(pad_token_id=self.tokenizer.pad_token_id)
+        if max_new_tokens is not None:
+            kwargs = {**kwargs, "max_new_tokens": max_new_tokens}
+        return resolve_generation_config(config, **kwargs)
+
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+        if seed is None:
+            return generator
+        if generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _text(self, ids: torch.Tensor, stop_strings: Sequence[str] | None) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -147,9 +171,11 @@ class Pipeline:
         self,
         images: ImageSlot | Sequence[ImageSlot] = None,
         prompts: str | None | Sequence[str | None] = None,
-        max_new_tokens: int = 48,
+        max_new_tokens: int | None = None,
         seed: int | None = None,
-        **sampling: Any,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> str | list[str] | list[list[str]]:
         """Generate text for one (image, prompt) pair or for lists of them, batched.
 
@@ -158,13 +184,16 @@ class Pipeline:
                 ``None`` (text only), or a list of those, one per prompt; a list inside the list gives that
                 prompt several images.
             prompts: the user's text, or a list; ``None`` with an image asks for a caption.
-            max_new_tokens: the most tokens to generate per answer.
+            max_new_tokens: the most tokens to generate per answer (default: ``generation_config``'s, 48 for
+                ``self.generation_config``).
             seed: seeds sampling for reproducible results (or pass ``generator=torch.Generator()``).
-            **sampling: any argument of ``mmgpt.generation.engine.generate`` in HF ``generate``'s names: ``do_sample``,
-                ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+            generation_config: how to decode; default ``self.generation_config`` (greedy, 48 tokens, the
+                tokenizer's eos and pad).
+            **kwargs: any ``GenerationConfig`` field, overriding ``generation_config``'s, in HF ``generate``'s
+                names: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
-                ``eos_token_id`` (default: the tokenizer's), ``stop_strings`` (cut from the text), ``compile``.
-                Greedy by default.
+                ``eos_token_id``, ``stop_strings`` (cut from the text), ``compile``. Unknown names raise
+                ``TypeError``.
 
         Returns:
             A string for a single input, a list of strings for lists; with ``num_return_sequences=n > 1``
@@ -177,13 +206,14 @@ class Pipeline:
             images = [images] * len(prompts)
         elif not isinstance(prompts, (list, tuple)):
             prompts = [prompts] * len(images)
+        config = self._generation_config(generation_config, max_new_tokens, kwargs)
         input_ids, attention_mask, image_embeds = self._inputs(images, prompts)
-        kwargs = self._sampling(seed, sampling)
         new = generate_ids(
-            self.model, input_ids, attention_mask, image_embeds=image_embeds, max_new_tokens=max_new_tokens, **kwargs
+            self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
+            generator=self._generator(seed, generator), tokenizer=self.tokenizer,
         )
-        texts = [self._text(row, kwargs.get("stop_strings")) for row in new]
-        n = kwargs.get("num_return_sequences", 1)
+        texts = [self._text(row, config.stop_strings) for row in new]
+        n = config.num_return_sequences
         if n > 1:
             texts = [texts[i : i + n] for i in range(0, len(texts), n)]
         return texts[0] if single else texts
@@ -192,9 +222,11 @@ class Pipeline:
         self,
         image: ImageSlot = None,
         prompt: str | None = None,
-        max_new_tokens: int = 48,
+        max_new_tokens: int | None = None,
         seed: int | None = None,
-        **sampling: Any,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> Iterator[str]:
         """Generate the answer to one prompt piece by piece, as it is written.
 
@@ -203,21 +235,20 @@ class Pipeline:
         not to be one.
 
         Args:
-            image, prompt, max_new_tokens, seed, **sampling: as ``generate`` for one input (no beam search and
-                one sequence: only the end of a beam search knows its best sequence).
+            image, prompt, max_new_tokens, seed, generation_config, generator, **kwargs: as ``generate`` for one
+                input (one sequence and no beam search: only the end of a beam search knows its best sequence).
 
         Yields:
             Text increments.
         """
-        if sampling.get("num_beams", 1) > 1 or sampling.get("num_return_sequences", 1) > 1:
+        config = self._generation_config(generation_config, max_new_tokens, kwargs)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
             raise ValueError("stream() writes one sequence: num_beams and num_return_sequences must be 1")
         input_ids, attention_mask, image_embeds = self._inputs([image], [prompt])
-        kwargs = self._sampling(seed, sampling)
-        kwargs.pop("pad_token_id")
-        text = _TextStream(self.tokenizer, kwargs.get("stop_strings"))
+        text = _TextStream(self.tokenizer, config.stop_strings)
         for _, tokens in stream_tokens(
-            self.model, input_ids, attention_mask, image_embeds=image_embeds, max_new_tokens=max_new_tokens,
-            **kwargs,
+            self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
+            generator=self._generator(seed, generator), tokenizer=self.tokenizer,
         ):
             piece = text.push(int(tokens[0]))
             if piece:
@@ -285,12 +316,15 @@ def load(path: str | Path | None = None, map_location: str | torch.device = "cpu
     return Pipeline.from_pretrained(path, map_location)
 
 
-_DEFAULT: Pipeline | None = None
+@functools.cache
+def _default_pipeline() -> Pipeline:
+    # Loaded on the first call that needs it, then shared by every later one.
+    return load()
 
 
 def generate(
     image: ImageInput | None = None, prompt: str | None = None, model: Pipeline | str | Path | None = None,
-    **sampling: Any,
+    **kwargs: Any,
 ) -> str:
     """One answer for one image (or ``None`` for text only) and prompt.
 
@@ -298,13 +332,11 @@ def generate(
         image: a PIL image, a path, a ``(3, H, W)`` tensor, or ``None``.
         prompt: the question or instruction; ``None`` with an image asks for a caption.
         model: a ``Pipeline``, a path to load, or ``None`` for the default model shipped in ``assets/``.
-        **sampling: see ``Pipeline.generate``.
+        **kwargs: as ``Pipeline.generate``: ``max_new_tokens``, ``seed``, ``generation_config`` and any
+            ``GenerationConfig`` field.
     """
-    global _DEFAULT
     if model is None:
-        if _DEFAULT is None:
-            _DEFAULT = load()
-        model = _DEFAULT
+        model = _default_pipeline()
     elif not isinstance(model, Pipeline):
         model = load(model)
-    return model.generate(image, prompt, **sampling)
+    return model.generate(image, prompt, **kwargs)

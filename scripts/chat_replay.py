@@ -26,21 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
+import torch
+from torch.utils.data import Subset
 
-import torch  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
-
-import mmgpt  # noqa: E402
-from mmgpt.data.chat_prompts import chat_prompts  # noqa: E402
-from mmgpt.data.sources import Conversations  # noqa: E402
-from mmgpt.eval.evaluate import teacher_forced  # noqa: E402
-from mmgpt.generation.engine import generate as generate_ids  # noqa: E402
+import mmgpt
+from mmgpt.data.chat_prompts import chat_prompts
+from mmgpt.data.sources import Conversations
+from mmgpt.eval.evaluate import teacher_forced
+from mmgpt.generation.engine import generate as generate_ids
 
 
 def answer(pipeline, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[tuple[str, bool]]:

@@ -18,9 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: local files only
-
-from mmgpt.convert.gguf import DEFAULT_CACHE, convert_gguf, find_smollm2_gguf, is_converted  # noqa: E402
+from mmgpt.convert.gguf import DEFAULT_CACHE, convert_gguf, find_smollm2_gguf, is_converted
 
 
 def main(argv: Sequence[str] | None = None) -> None:

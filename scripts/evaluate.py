@@ -13,31 +13,37 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
+from jsonargparse import ArgumentError, get_loader
+from lightning.pytorch.cli import LightningArgumentParser
 
 import mmgpt
-from mmgpt.data.datamodule import DataSource, MMGPTDataModule
-from mmgpt.data.shapes import ShapesConfig
+from mmgpt.data import MMGPTDataModule
 from mmgpt.eval.evaluate import evaluate
 
 
 def datamodule_from(spec: str) -> MMGPTDataModule:
-    """``shapes`` (the built-in data with its default splits) or a training YAML whose ``data:`` section is used."""
+    """``shapes`` (the built-in data with its default splits) or a training YAML whose ``data:`` section is used.
+
+    The section goes through the parser training's LightningCLI builds for ``data``, so it gets the same
+    defaults, types and errors as ``scripts/train.py fit --config`` would give it.
+    """
     if spec == "shapes":
-        return MMGPTDataModule()
-    path = Path(spec)
-    if not path.is_file():
-        raise SystemExit(f"--data {spec}: expected 'shapes' or a YAML config file with a data: section")
-    data = (yaml.safe_load(path.read_text()) or {}).get("data")
-    if not isinstance(data, dict):
-        raise SystemExit(f"--data {spec}: the file has no data: section")
-    data = dict(data)
-    for split in ("train", "val", "test"):
-        if split in data:
-            data[split] = [DataSource(**s) for s in data[split]]
-    if "shapes" in data:
-        data["shapes"] = ShapesConfig(**data["shapes"])
-    return MMGPTDataModule(**data)
+        section = {}
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise SystemExit(f"--data {spec}: expected 'shapes' or a YAML config file with a data: section")
+        # jsonargparse's YAML loader, as training's --config uses: it reads 1e-3 as a number, where PyYAML gives a str.
+        section = (get_loader("yaml")(path.read_text()) or {}).get("data")
+        if not isinstance(section, dict):
+            raise SystemExit(f"--data {spec}: the file has no data: section")
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(MMGPTDataModule, "data")  # as LightningCLI adds its datamodule
+    try:
+        config = parser.parse_object({"data": section})
+    except ArgumentError as e:
+        raise SystemExit(f"--data {spec}: {e}") from e
+    return parser.instantiate(config).data
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 import mmgpt
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset, caption, render_scene
+from mmgpt.data import ShapesConfig, ShapesDataset
+from mmgpt.data.scenes import render_scene
+from mmgpt.data.shapes_language import caption
 from mmgpt.eval.metrics import exact_match
 
 DISPLAY = 192  # scenes are rendered at the model's input size (tens of px); upscaled, nearest, to read in a README

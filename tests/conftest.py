@@ -3,8 +3,14 @@ and one short training run whose checkpoint several test files load."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
+
+# Nothing in the tests may reach a hub. mmgpt passes local_files_only=True to every from_pretrained; this also
+# covers the HF oracles the tests build. Set before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dataclasses
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +19,11 @@ import pytest
 import torch
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
-from mmgpt.data.datamodule import DataSource, MMGPTDataModule
-from mmgpt.data.shapes import ShapesConfig
+from mmgpt.data import DataSource, MMGPTDataModule, ShapesConfig
+from mmgpt.models.decoder import Decoder
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.pipeline import Pipeline
-from mmgpt.prompts import IMAGE
+from mmgpt.prompts import ASSISTANT, IMAGE
 from mmgpt.tokenizer import load_tokenizer
 from mmgpt.train.module import MMGPTModule
 
@@ -135,8 +141,7 @@ def trained(tmp_path_factory):
     """A 2-step fit of the tiny model on tiny shapes data: ``(module, checkpoint path)``."""
     import lightning as L
 
-    from mmgpt.data.datamodule import DataSource, MMGPTDataModule
-    from mmgpt.data.shapes import ShapesConfig
+    from mmgpt.data import DataSource, MMGPTDataModule, ShapesConfig
     from mmgpt.train.module import MMGPTModule
 
     root = tmp_path_factory.mktemp("fit")
@@ -184,3 +189,80 @@ def train_script(*args: str, env: dict | None = None, timeout: float = 120) -> s
     return subprocess.run(
         [sys.executable, "scripts/train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def assert_lively(out: torch.Tensor) -> None:
+    # The equalities below have teeth only if rows differ from each other and are not one repeated token.
+    rows = out.tolist()
+    assert len({tuple(r) for r in rows}) == len(rows)
+    assert all(len(set(r)) > 3 for r in rows)
+
+
+def scripted(tokenizer, text: str, tiny_config) -> Pipeline:
+    """A pipeline whose model writes ``text`` and then eos, whatever the prompt.
+
+    Every attention and MLP output is zero, so the logits depend on the last token alone; each token of the
+    script has its own embedding direction, and the untied lm_head maps it to the next one.
+    """
+    script = [tokenizer.convert_tokens_to_ids(ASSISTANT), *tokenizer(text, add_special_tokens=False)["input_ids"],
+              tokenizer.eos_token_id]
+    assert len(set(script)) == len(script), "each token of the script needs a single successor"
+    tiny_config.decoder.tie_embeddings = False
+    model = MMGPT(tiny_config).eval()
+    with torch.no_grad():
+        for block in model.decoder.h:
+            block.attn.proj.weight.zero_()
+            block.mlp.proj.weight.zero_()
+        model.decoder.wte.weight.zero_()
+        model.decoder.lm_head.weight.zero_()
+        for i, (token, successor) in enumerate(itertools.pairwise(script)):
+            model.decoder.wte.weight[token, i] = 1.0
+            model.decoder.lm_head.weight[successor, i] = 10.0
+    return Pipeline(model, tokenizer)
+
+
+@pytest.fixture(params=["causal", "prefix"])
+def engine(request, tiny_config, tokenizer):
+    """A lively tiny model and its pipeline, in each attention mode."""
+    tiny_config.decoder.attention = request.param
+    torch.manual_seed(0)
+    model = make_lively(MMGPT(tiny_config))
+    return model, Pipeline(model, tokenizer)
+
+
+def mixed_requests(images):
+    return (
+        [[images[0], images[1]], None, images[2], [images[2], images[0], images[1]]],
+        ["Compare the two images.", "What is one plus one?", "Describe the image.", "Hi"],
+    )
+
+
+# The native decoder alone (its HF oracle and quantization tests): 2 layers, GQA with 4 heads in 2 groups.
+RANDOM_DECODER = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_query_groups=2, n_embd=32)
+
+
+def random_decoder(seed: int = 0, *, fan_in_std: bool = False, **overrides) -> Decoder:
+    """A native decoder whose every weight, norms included, is random and O(1), in eval mode: at the 0.02 init the
+    logits are all near zero, and a swapped or misplaced tensor, or a rounding error, would hide under them.
+
+    Args:
+        seed: the torch seed, set before the decoder is built.
+        fan_in_std: linear weights N(0, 1/fan_in) and the embedding N(0, 1), so that every layer keeps the scale of
+            its input (with larger weights a random network amplifies any perturbation layer after layer, and a
+            comparison of rounding errors would measure that chaos). Otherwise every weight is N(0, 0.3).
+        **overrides: ``DecoderConfig`` fields over ``RANDOM_DECODER``.
+    """
+    config = DecoderConfig(**{**RANDOM_DECODER, **overrides})
+    torch.manual_seed(seed)
+    decoder = Decoder(config).eval()
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if "norm" in name or "ln_f" in name:
+                p.uniform_(0.5, 1.5)
+            elif not fan_in_std:
+                p.normal_(0.0, 0.3)
+            elif name == "wte.weight":
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return decoder

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import mmgpt
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset
+from mmgpt.data import ShapesConfig, ShapesDataset
 from mmgpt.eval.metrics import exact_match, vqa_score
 from mmgpt.pipeline import DEFAULT_MODEL
 

@@ -14,26 +14,26 @@ from safetensors.torch import load_file
 from mmgpt.config import DecoderConfig
 from mmgpt.models.decoder import Decoder
 
+# DecoderConfig field -> LlamaConfig field, for the sizes both have.
+_CONFIG_NAMES = {
+    "vocab_size": "vocab_size",
+    "n_embd": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_query_groups": "num_key_value_heads",
+    "block_size": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
 
 def to_hf_llama_config(config: DecoderConfig, **extra):
     """A ``transformers.LlamaConfig`` with the same architecture as ``config``."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_query_groups,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_base,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        **extra,
-    )
+    sizes = {hf: getattr(config, ours) for ours, hf in _CONFIG_NAMES.items()}
+    return LlamaConfig(**sizes, rope_theta=config.rope_base, attention_bias=False, mlp_bias=False, **extra)
 
 
 def from_hf_llama_config(hf_config) -> DecoderConfig:
@@ -41,18 +41,9 @@ def from_hf_llama_config(hf_config) -> DecoderConfig:
     rope_theta = getattr(hf_config, "rope_theta", None)
     if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
         rope_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10_000.0)
-    return DecoderConfig(
-        vocab_size=hf_config.vocab_size,
-        block_size=hf_config.max_position_embeddings,
-        n_layer=hf_config.num_hidden_layers,
-        n_head=hf_config.num_attention_heads,
-        n_query_groups=hf_config.num_key_value_heads,
-        n_embd=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        rope_base=float(rope_theta),
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-    )
+    sizes = {ours: getattr(hf_config, hf) for ours, hf in _CONFIG_NAMES.items()}
+    sizes["tie_embeddings"] = bool(sizes["tie_embeddings"])
+    return DecoderConfig(**sizes, rope_base=float(rope_theta))
 
 
 def check_hf_llama_config(hf_config, where: str = "config") -> None:

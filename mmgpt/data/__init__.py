@@ -3,7 +3,8 @@
 from mmgpt.data.collate import IGNORE_INDEX, Collator
 from mmgpt.data.datamodule import DataSource, MMGPTDataModule
 from mmgpt.data.sample import Sample
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset
+from mmgpt.data.scenes import ShapesConfig
+from mmgpt.data.shapes import ShapesDataset
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 
 __all__ = [

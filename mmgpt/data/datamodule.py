@@ -10,8 +10,16 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from mmgpt.data.collate import Collator
 from mmgpt.data.length_grouped import LengthGroupedSampler
-from mmgpt.data.sample import Task
-from mmgpt.data.shapes import QTYPES, QType, ShapesConfig, ShapesDataset
+from mmgpt.data.sample import TASKS, Task
+from mmgpt.data.scenes import ShapesConfig
+from mmgpt.data.shapes import (
+    DEFAULT_QA_PER_SCENE,
+    DEFAULT_QA_TURNS,
+    DEFAULT_SCENES,
+    DEFAULT_TEXT_FRACTION,
+    ShapesDataset,
+)
+from mmgpt.data.shapes_language import QTYPES, QType
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 from mmgpt.models.image_processor import ImageProcessor
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -33,17 +41,17 @@ class DataSource:
     # Relative sampling weight in a mixture of several sources.
     weight: float = 1.0
     # shapes: number of scenes (each gives a caption, qa_per_scene questions and text-only samples).
-    size: int = 1000
-    # shapes: questions per scene; 3 covers most question types of a scene without repeating one.
-    qa_per_scene: int = 3
-    # shapes: share of text-only samples, so the model keeps plain text generation.
-    text_fraction: float = 0.2
+    size: int = DEFAULT_SCENES
+    # shapes: questions per scene.
+    qa_per_scene: int = DEFAULT_QA_PER_SCENE
+    # shapes: share of text-only samples.
+    text_fraction: float = DEFAULT_TEXT_FRACTION
     # shapes: questions per VQA sample. 1: one question each; more: multi-turn conversations (LLaVA-1.5's
     # grouping), several answers for one pass over the image, system prompt and template.
-    qa_turns: int = 1
-    # shapes: which sample kinds a scene gives (caption, vqa, text) and which question types it asks; a second
+    qa_turns: int = DEFAULT_QA_TURNS
+    # shapes: which kinds of sample a scene gives (caption, vqa, text) and which question types it asks; a second
     # source of only the hard question types adds practice on them without dropping the rest.
-    tasks: tuple[Task, ...] = ("caption", "vqa", "text")
+    tasks: tuple[Task, ...] = TASKS
     qtypes: tuple[QType, ...] = QTYPES
 
     def build(self, split: str, shapes: ShapesConfig) -> Dataset:

@@ -10,6 +10,7 @@ from PIL import Image
 from mmgpt.prompts import conversation
 
 Task = Literal["caption", "vqa", "text"]
+TASKS: tuple[Task, ...] = ("caption", "vqa", "text")
 
 
 @dataclass

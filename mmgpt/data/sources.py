@@ -16,33 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from mmgpt.data.sample import Sample
+from mmgpt.models.image_processor import open_image
 from mmgpt.prompts import CAPTION_PROMPT, IMAGE
 
 # The instruction for raw text (a .txt line or a {"text": ...} record): the whole text is the target, so
 # every token of it is supervised, and the fixed prompt tells the model to write free text.
 TEXT_PROMPT = "Continue the text."
-
-
-def load_image(path: Path, sample_id: str) -> Image.Image:
-    """Open an image as RGB, with the sample named in any error.
-
-    Args:
-        path: the image file.
-        sample_id: the sample it belongs to, for the error message.
-
-    Returns:
-        The decoded image in RGB (grayscale, palette and RGBA images are converted).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path} (sample {sample_id})")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes, so the file can be closed right after
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path} (sample {sample_id}): {e}") from e
 
 
 def _read_json(path: Path) -> Any:
@@ -136,7 +117,7 @@ class CocoCaptions(torch.utils.data.Dataset):
         image_id, k = self.index[i]
         sid = f"coco/{image_id}/{k}"
         caps = self.captions[image_id]
-        image = load_image(self.images / self.files[image_id], sid)
+        image = open_image(self.images / self.files[image_id], f"sample {sid}")
         return Sample(
             prompt=self.prompt, target=caps[k], image=image, task="caption", id=sid, answers=list(caps)
         )
@@ -197,7 +178,7 @@ class VQAJsonl(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         r = self.records[i]
-        image = load_image(self.image_root / r["image"], f"{r['id']}, {r['where']}")
+        image = open_image(self.image_root / r["image"], f"sample {r['id']}, {r['where']}")
         return Sample(
             prompt=r["question"],
             target=r["target"],
@@ -338,7 +319,7 @@ class Conversations(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         r = self.records[i]
-        image = load_image(self.image_root / r["image"], f"{r['id']}, {r['where']}") if r["image"] else None
+        image = open_image(self.image_root / r["image"], f"sample {r['id']}, {r['where']}") if r["image"] else None
         messages = r["messages"]
         first = next(j for j, m in enumerate(messages) if m["role"] == "assistant")
         prompt = next((m["content"] for m in reversed(messages[:first]) if m["role"] == "user"), "")

@@ -21,47 +21,25 @@ from mmgpt.train.loss import next_token_targets
 
 
 @torch.inference_mode()
-def predict(
-    model: MMGPT,
-    tokenizer: PreTrainedTokenizerFast,
-    dataset: Dataset,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 256,
-) -> list[dict]:
-    """Greedy answers for every sample of ``dataset``.
+def predict_batch(model: MMGPT, tokenizer: PreTrainedTokenizerFast, batch: dict, max_new_tokens: int) -> list[dict]:
+    """Greedy answers for one batch of the ``Collator``'s ``"generate"`` mode.
 
     Returns:
         One dict per sample: ``id``, ``task``, ``qtype``, ``prompt``, ``prediction``, ``answers``.
     """
-    was_training = model.training
-    model.eval()
     device = model.decoder.wte.weight.device
-    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="generate")
-    rows = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        images = batch["images"].to(device) if batch["images"] is not None else None
-        new = generate(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), images,
-            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    images = batch["images"].to(device) if batch["images"] is not None else None
+    new = generate(
+        model, batch["input_ids"].to(device), batch["attention_mask"].to(device), images,
+        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [
+        {"id": i, "task": task, "qtype": qtype, "prompt": prompt, "prediction": text.strip(), "answers": answers}
+        for i, task, qtype, prompt, text, answers in zip(
+            batch["ids"], batch["tasks"], batch["qtypes"], batch["prompts"], texts, batch["answers"], strict=True
         )
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        for i, text in enumerate(texts):
-            rows.append({
-                "id": batch["ids"][i], "task": batch["tasks"][i], "qtype": batch["qtypes"][i],
-                "prompt": batch["prompts"][i], "prediction": text.strip(), "answers": batch["answers"][i],
-            })
-    model.train(was_training)
-    return rows
-
-
-@torch.inference_mode()
-def text_nll(
-    model: MMGPT, tokenizer: PreTrainedTokenizerFast, dataset: Dataset, batch_size: int = 32, max_length: int = 256
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of the reference answers (teacher forced) and their token count."""
-    stats = teacher_forced(model, tokenizer, dataset, batch_size, max_length)
-    return stats["nll"], stats["tokens"]
+    ]
 
 
 @torch.inference_mode()
@@ -116,13 +94,23 @@ def evaluate(
     max_length: int = 256,
     limit: int | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Generate over (the first ``limit`` samples of) ``dataset`` and score; returns ``(metrics, rows)``."""
+    """Greedy answers over (the first ``limit`` samples of) ``dataset``, scored.
+
+    Returns:
+        ``(metrics, rows)``: ``score``'s metrics plus ``text/ppl`` (teacher-forced perplexity of the text samples'
+        references), and ``predict_batch``'s rows for every sample.
+    """
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
-    rows = predict(model, tokenizer, dataset, batch_size, max_new_tokens, max_length)
+    was_training = model.training
+    model.eval()
+    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="generate")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    rows = [row for batch in loader for row in predict_batch(model, tokenizer, batch, max_new_tokens)]
     metrics = score(rows)
     text_idx = [i for i, r in enumerate(rows) if r["task"] == "text"]
     if text_idx:
-        nll, n = text_nll(model, tokenizer, Subset(dataset, text_idx), batch_size, max_length)
-        metrics["text/ppl"] = perplexity(nll, n)
+        forced = teacher_forced(model, tokenizer, Subset(dataset, text_idx), batch_size, max_length)
+        metrics["text/ppl"] = perplexity(forced["nll"], forced["tokens"])
+    model.train(was_training)
     return metrics, rows

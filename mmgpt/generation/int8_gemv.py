@@ -1,10 +1,10 @@
 """A weight-only int8 matrix-vector product for CPU decoding: ``y = (x @ q.T) * scale`` with ``q`` int8.
 
 Decoding one token at batch 1 multiplies a vector by every weight matrix once, so its speed is how fast the
-weights stream from memory: int8 weights are a quarter of float32's bytes. On this project's AVX-512 Xeon, torch's
-own int8 kernels (``aten._weight_int8pack_mm``, ``torch._int_mm``) read int8 weights from DRAM at about 6 GB/s
-while MKL streams float32 at 14 GB/s: they save three quarters of the bytes and spend most of it back. This kernel
-streams int8 at 11-14 GB/s:
+weights stream from memory: int8 weights are a quarter of float32's bytes. On an AVX-512 server CPU, torch's own
+int8 kernels (``aten._weight_int8pack_mm``, ``torch._int_mm``) read int8 weights from DRAM at about 6 GB/s
+while MKL streams float32 at 14 GB/s: they save three quarters of the bytes and spend most of it back. This
+kernel streams int8 at 11-14 GB/s (``benchmarks/README.md``):
 
 * four weight rows per pass, with four independent AVX-512 accumulators (one accumulator would be bound by the
   latency of its adds);

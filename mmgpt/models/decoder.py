@@ -159,7 +159,61 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
-class Decoder(nn.Module):
+class BaseDecoder(nn.Module):
+    """What every decoder offers the rest of mmgpt: ``wte``, ``forward`` returning logits, and a KV cache
+    (``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``). The native ``Decoder`` and ``HFDecoder``
+    implement ``decode``; the splice, the loss and the whole generation engine work with either."""
+
+    wte: nn.Module
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder.
+
+        Args:
+            idx: token ids ``(B, T)``; or give ``inputs_embeds`` ``(B, T, n_embd)`` instead.
+            input_pos: ``(T,)`` KV-cache slots to write; ``None`` runs without a cache (training).
+            position_ids: ``(B, T)`` RoPE positions; default ``input_pos`` (or ``0..T-1``). Differ from the
+                cache slots for left-padded rows, whose first real token is position 0.
+            attn_mask: boolean (True = attend) or additive float, from ``build_attention_mask``.
+                ``(B or 1, 1, T, T)`` without a cache; with one, ``(B or 1, 1, T, S')`` over the first ``S'``
+                cache slots (the slots after them are not attended at all). ``None`` means plain causal
+                attention.
+            logits_to_keep: compute logits for the last this many positions only (0 = all), as HF: a prefill
+                needs just the last one, and the vocabulary projection is its largest matmul.
+            logits_at: ``(K,)`` indices into the ``B * T`` positions flattened row-major: compute logits there only.
+                For training, whose loss needs them only where a target is predicted (a tenth to a third of the
+                positions with short answers); with a 49k vocabulary the skipped projection and its float32
+                softmax are a large share of a step. Indices rather than a mask: no data-dependent shape inside.
+
+        Returns:
+            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given); ``(K, vocab_size)`` with ``logits_at``.
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx or inputs_embeds")
+        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        if position_ids is None:
+            position_ids = default_position_ids(input_pos, x.size(0), x.size(1), x.device)
+        return self.decode(x, input_pos, position_ids, attn_mask, logits_to_keep, logits_at)
+
+    def decode(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None, position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None, logits_to_keep: int, logits_at: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` on embeddings ``x`` ``(B, T, n_embd)`` with ``position_ids`` filled in."""
+        raise NotImplementedError
+
+
+class Decoder(BaseDecoder):
     """The language model. ``forward`` returns logits; the loss belongs to the training code."""
 
     def __init__(self, config: DecoderConfig) -> None:
@@ -236,44 +290,11 @@ class Decoder(nn.Module):
                 f"sequence position {int(position_ids.max())} is beyond decoder.block_size={self.config.block_size}"
             )
 
-    def forward(
-        self,
-        idx: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        logits_at: torch.Tensor | None = None,
+    def decode(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None, position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None, logits_to_keep: int, logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Run the decoder.
-
-        Args:
-            idx: token ids ``(B, T)``; or give ``inputs_embeds`` ``(B, T, n_embd)`` instead.
-            input_pos: ``(T,)`` KV-cache slots to write; ``None`` runs without a cache (training).
-            position_ids: ``(B, T)`` RoPE positions; default ``input_pos`` (or ``0..T-1``). Differ from the
-                cache slots for left-padded rows, whose first real token is position 0.
-            attn_mask: boolean (True = attend) or additive float, from ``build_attention_mask``.
-                ``(B or 1, 1, T, T)`` without a cache; with one, ``(B or 1, 1, T, S')`` over the first ``S'``
-                cache slots (the slots after them are not attended at all). ``None`` means plain causal
-                attention.
-            logits_to_keep: compute logits for the last this many positions only (0 = all), as HF: a prefill
-                needs just the last one, and the vocabulary projection is its largest matmul.
-            logits_at: ``(K,)`` indices into the ``B * T`` positions flattened row-major: compute logits there only.
-                For training, whose loss needs them only where a target is predicted (a tenth to a third of the
-                positions with short answers); with a 49k vocabulary the skipped projection and its float32
-                softmax are a large share of a step. Indices rather than a mask: no data-dependent shape inside.
-
-        Returns:
-            Logits ``(B, T, vocab_size)`` (``T = logits_to_keep`` when given); ``(K, vocab_size)`` with ``logits_at``.
-        """
-        if (idx is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of idx or inputs_embeds")
-        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T, _ = x.shape
-        if position_ids is None:
-            position_ids = default_position_ids(input_pos, B, T, x.device)
+        # x: (B, T, C)
         if input_pos is None and not torch.compiler.is_compiling():
             # Checked without a cache only: a cache is never larger than block_size (set_kv_cache checks), and a
             # per-step check would cost a device sync on every generated token. Compiled training checks eagerly.

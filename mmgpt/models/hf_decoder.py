@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 
 from mmgpt.config import DecoderConfig
-from mmgpt.models.attention import build_attention_mask, default_position_ids
+from mmgpt.models.attention import build_attention_mask
+from mmgpt.models.decoder import BaseDecoder
 
 
-class HFDecoder(nn.Module):
+class HFDecoder(BaseDecoder):
     """A transformers causal LM behind the native decoder's interface.
 
     Built from ``config.hf_config`` with random weights; ``mmgpt.create_model(config, pretrained=True)`` then
@@ -71,24 +72,11 @@ class HFDecoder(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(
-        self,
-        idx: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        logits_at: torch.Tensor | None = None,
+    def decode(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None, position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None, logits_to_keep: int, logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)``; the arguments mean what they mean for ``Decoder.forward``."""
-        if (idx is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of idx or inputs_embeds")
-        x = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T, _ = x.shape
-        if position_ids is None:
-            position_ids = default_position_ids(input_pos, B, T, x.device)
+        T = x.size(1)
         if input_pos is not None:
             if self.cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call set_kv_cache() first")

@@ -15,6 +15,28 @@ ImageInput = Image.Image | str | Path | torch.Tensor
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
+def open_image(path: str | Path, owner: str = "") -> Image.Image:
+    """Open an image file as RGB, with the file (and what it belongs to) named in any error.
+
+    Args:
+        path: the image file.
+        owner: what the image belongs to, e.g. ``"sample coco/3/0"``, added to error messages when given.
+
+    Returns:
+        The decoded image in RGB (grayscale, palette and RGBA images are converted). Its EXIF data is kept, so
+        ``ImageProcessor`` still turns a sideways photo upright.
+    """
+    path = Path(path)
+    where = f" ({owner})" if owner else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}{where}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes, so the file can be closed right after
+    except OSError as e:  # PIL's UnidentifiedImageError is one
+        raise ValueError(f"cannot read image {path}{where}: {e}") from e
+
+
 @dataclass
 class ImageProcessor:
     """Resize to a square and normalize, with the numbers timm's data config gives for the backbone.
@@ -45,14 +67,7 @@ class ImageProcessor:
             A float tensor ``(3, img_size, img_size)``, normalized.
         """
         if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"image file not found: {path}")
-            try:
-                with Image.open(path) as im:
-                    image = ImageOps.exif_transpose(im)  # a loaded copy, so it outlives the file
-            except OSError as e:
-                raise ValueError(f"{path}: cannot read as an image ({e})") from e
+            image = open_image(image)
         if isinstance(image, Image.Image):
             # A phone photo is stored sideways with an EXIF tag saying how to turn it; "the object on the left"
             # must mean the left of the picture as seen. No-op for images without the tag.

@@ -103,20 +103,15 @@ class MMGPT(nn.Module):
             )
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        images: torch.Tensor | None = None,
-        *,
+        self, input_ids: torch.Tensor, images: torch.Tensor | None = None, *,
         image_embeds: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        prefix_lengths: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        logits_at: torch.Tensor | None = None,
+        # Training's masks: the prefix of a prefix-LM, packed rows.
+        prefix_lengths: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+        # Passed on to the decoder (BaseDecoder.forward).
+        input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None, logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)``; see ``embed`` and ``Decoder.forward`` for the arguments.
+        """Logits ``(B, T, vocab_size)``; see ``embed`` and ``BaseDecoder.forward`` for the arguments.
 
         Args:
             prefix_lengths: ``(B,)`` tokens of image + prompt at the start of each (right-padded) row, as the

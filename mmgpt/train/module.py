@@ -16,9 +16,8 @@ from torchmetrics import MeanMetric
 
 from mmgpt.checkpoint import add_to_lightning_checkpoint, load_weights, tokenizer_from_lightning_checkpoint
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
-from mmgpt.eval.evaluate import evaluate
+from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
-from mmgpt.generation.engine import generate
 from mmgpt.models.lora import LoRAConfig, apply_lora
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -31,7 +30,7 @@ COMPONENTS = ("vision", "projector", "decoder")
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
 
 
-def _as(cls, value):
+def _as_config(cls, value):
     # The CLI gives dataclasses; a checkpoint's hparams give dicts (so it loads with weights_only=True).
     return cls(**value) if isinstance(value, dict) else (value if value is not None else cls())
 
@@ -98,9 +97,9 @@ class MMGPTModule(L.LightningModule):
         loss_weighting: str = "token",
     ) -> None:
         super().__init__()
-        vision, projector = _as(VisionConfig, vision), _as(ProjectorConfig, projector)
-        decoder = _as(DecoderConfig, decoder)
-        lora = _as(LoRAConfig, lora) if lora is not None else None
+        vision, projector = _as_config(VisionConfig, vision), _as_config(ProjectorConfig, projector)
+        decoder = _as_config(DecoderConfig, decoder)
+        lora = _as_config(LoRAConfig, lora) if lora is not None else None
         self.save_hyperparameters(ignore=["vision", "projector", "decoder", "lora"])
         # Plain dicts in hparams keep the checkpoint loadable with torch.load(weights_only=True).
         self.hparams.update(
@@ -205,11 +204,17 @@ class MMGPTModule(L.LightningModule):
         # Weight by supervised tokens: a mean of per-batch means would over-weight short answers.
         self.val_loss.update(loss, n_tokens)
 
-    def on_validation_epoch_end(self) -> None:
+    # Testing scores a split exactly as validation does, under its own names.
+    test_step = validation_step
+
+    def _log_eval_loss(self, split: str, prog_bar: bool = False) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp(), prog_bar=True)
+        self.log(f"{split}/loss", loss, prog_bar=prog_bar)
+        self.log(f"{split}/ppl", loss.exp(), prog_bar=prog_bar)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val", prog_bar=True)
         if self.trainer.sanity_checking:
             return
         self._validations += 1
@@ -234,27 +239,11 @@ class MMGPTModule(L.LightningModule):
                 continue
             self.log(shown.get(key, f"val/{key}"), value, prog_bar=key in shown)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, n_tokens = self.loss(batch)
-        self.val_loss.update(loss, n_tokens)
-
     def on_test_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", loss.exp())
+        self._log_eval_loss("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        new = generate(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["images"],
-            max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [
-            {"id": i, "prompt": p, "prediction": t.strip(), "answers": a}
-            for i, p, t, a in zip(batch["ids"], batch["prompts"], texts, batch["answers"], strict=True)
-        ]
+        return predict_batch(self.model, self.tokenizer, batch, self.hparams.max_new_tokens)
 
     def _param_groups(self) -> list[dict]:
         groups = []

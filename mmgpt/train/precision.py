@@ -1,7 +1,7 @@
 """Whether a half-precision setting pays off on this CPU, and the warning when it does not.
 
 ``bf16-mixed`` is the faster setting on a CPU with bf16 matrix units (AVX-512-BF16, AMX): 1.6x per SmolLM2
-training step on this project's first machines. On a CPU without them (any AVX2-only one: most laptops) torch has
+training step on an AVX-512-BF16 server CPU. On a CPU without them (any AVX2-only one: most laptops) torch has
 no fast bf16 matmul and falls back to a scalar kernel: a bf16 matmul ran at 1.2 GFLOP/s against 53 GFLOP/s in
 float32 on a 2-core AVX2 machine, and a SmolLM2 stage-1 step went from 12 s to minutes (``benchmarks/README.md``).
 Nothing fails, the run is only tens of times slower, so the setting is checked before training starts.

@@ -3,59 +3,45 @@ run by the native decoder against HF transformers' own ``generate``."""
 
 from __future__ import annotations
 
-import os
 from importlib.util import find_spec
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import RANDOM_DECODER, random_decoder
 
-from mmgpt.config import DecoderConfig
 from mmgpt.convert.smollm2 import text_only_mmgpt
 from mmgpt.generation.engine import generate
 from mmgpt.generation.int8_gemv import int8_gemv, int8_gemv_available, int8_gemv_unavailable_reason
 from mmgpt.generation.quantize import GEMV_MAX_ROWS, Int8Linear, quantize_decoder_, quantize_int8
 from mmgpt.models.decoder import Decoder
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this file may reach a hub
-
-VOCAB = 64
+VOCAB = RANDOM_DECODER["vocab_size"]
 
 
-def random_decoder(seed: int = 0, **overrides) -> Decoder:
-    """A tiny decoder whose logits are O(1) and spread out (at the 0.02 init they are all near zero, and any
-    quantization error would look small). Linear weights are N(0, 1/fan_in), so every layer keeps the scale of its
-    input: with larger weights a random network amplifies any perturbation layer after layer, and the comparison
-    would measure that chaos rather than the rounding."""
-    config = DecoderConfig(**{
-        "vocab_size": VOCAB, "block_size": 64, "n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 64,
-        # Untied by default: with a tied head and O(1) embeddings, a random model just repeats its last token.
-        "tie_embeddings": False, **overrides,
-    })
-    torch.manual_seed(seed)
-    decoder = Decoder(config).eval()
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if "norm" in name or "ln_f" in name:
-                p.uniform_(0.5, 1.5)
-            elif name == "wte.weight":
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return decoder
+def scaled_decoder(seed: int = 0, **overrides) -> Decoder:
+    """``random_decoder`` 64 wide with ``fan_in_std`` weights: O(1), spread-out logits that keep their scale through
+    the layers, so that a comparison with a quantized copy measures the rounding."""
+    # Untied by default: with a tied head and O(1) embeddings, a random model just repeats its last token.
+    return random_decoder(
+        seed, fan_in_std=True, **{"block_size": 64, "n_embd": 64, "tie_embeddings": False, **overrides}
+    )
+
+
+def float_copy(decoder: Decoder) -> Decoder:
+    copy = Decoder(decoder.config).eval()
+    copy.load_state_dict(decoder.state_dict())
+    return copy
 
 
 def quantized_copy(decoder: Decoder) -> Decoder:
-    copy = Decoder(decoder.config).eval()
-    copy.load_state_dict(decoder.state_dict())
-    return quantize_decoder_(copy, "int8")
+    return quantize_decoder_(float_copy(decoder), "int8")
 
 
 def dequantized_copy(quantized: Decoder, reference: Decoder) -> Decoder:
     """``reference`` with every quantized weight replaced by its de-quantized value: the int8 model's exact math."""
-    copy = Decoder(reference.config).eval()
-    copy.load_state_dict(reference.state_dict())
+    copy = float_copy(reference)
     with torch.no_grad():
         for name, module in quantized.named_modules():
             if isinstance(module, Int8Linear):
@@ -121,14 +107,14 @@ def test_int8_linear_equals_dequantized_linear(rows, dtype, kernel):
 
 
 def test_quantize_decoder_replaces_every_matmul():
-    decoder = quantize_decoder_(random_decoder(tie_embeddings=True), "int8")
+    decoder = quantize_decoder_(scaled_decoder(tie_embeddings=True), "int8")
     kinds = {name: type(m) for name, m in decoder.named_modules() if isinstance(m, (nn.Linear, Int8Linear))}
     assert set(kinds.values()) == {Int8Linear}
     assert len(kinds) == 2 * 4 + 1  # qkv, attn.proj, mlp.fc, mlp.proj per block, and the LM head
     # A tied head gets its own int8 copy; the embedding lookups stay float.
     assert isinstance(decoder.wte, nn.Embedding) and decoder.wte.weight.dtype == torch.float32
     with pytest.raises(ValueError, match=r"quantization mode 'int4' is not one of \['int8'\]"):
-        quantize_decoder_(random_decoder(), "int4")
+        quantize_decoder_(scaled_decoder(), "int4")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +128,7 @@ def test_int8_decoder_computes_its_dequantized_weights(tie_embeddings):
     # of their own beyond the rounding of the weights. Where the int8 kernel cannot be built (no AVX-512), single
     # steps use torch's int8 kernel with activations rounded to bfloat16 (mmgpt.generation.quantize): bfloat16's
     # error there.
-    reference = random_decoder(tie_embeddings=tie_embeddings)
+    reference = scaled_decoder(tie_embeddings=tie_embeddings)
     int8 = quantized_copy(reference)
     exact = dequantized_copy(int8, reference)
     idx = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -172,9 +158,9 @@ def test_int8_and_bf16_logits_stay_close_to_float32():
     # a swapped row, a wrong scale or a transposed weight is off by O(100 %). Next-token choices then agree wherever
     # float32's own margin between its top two tokens exceeds 2 * TOL.
     TOL = 0.02
-    reference = random_decoder()
+    reference = scaled_decoder()
     int8 = quantized_copy(reference)
-    bf16 = random_decoder().to(torch.bfloat16)
+    bf16 = scaled_decoder().to(torch.bfloat16)
     bf16.load_state_dict(reference.state_dict())
     idx = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -193,7 +179,7 @@ def test_int8_and_bf16_logits_stay_close_to_float32():
 def test_int8_greedy_generation_computes_its_dequantized_weights():
     # Through mmgpt.generation.engine (prefill, then the int8 kernel once per step and layer), the int8 model generates
     # what a float32 model holding its de-quantized weights generates: no error beyond the weights' rounding.
-    reference = random_decoder(seed=3)
+    reference = scaled_decoder(seed=3)
     int8 = quantized_copy(reference)
     prompts = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
     expected = generate(text_only_mmgpt(dequantized_copy(int8, reference)), prompts, max_new_tokens=12)
@@ -204,7 +190,7 @@ def test_int8_greedy_generation_computes_its_dequantized_weights():
 @pytest.mark.slow
 def test_int8_compiled_decode_step_equals_eager():
     # The kernel is a torch operator, so the compiled decode step calls it inside its graph.
-    model = text_only_mmgpt(quantize_decoder_(random_decoder(seed=4), "int8"))
+    model = text_only_mmgpt(quantize_decoder_(scaled_decoder(seed=4), "int8"))
     prompts = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
     eager = generate(model, prompts, max_new_tokens=8)
     assert torch.equal(generate(model, prompts, max_new_tokens=8, compile=True), eager)
@@ -219,7 +205,7 @@ def test_load_hf_llama_decoder_reads_a_saved_llama(tmp_path):
 
     from mmgpt.convert.hf_llama import load_hf_llama_decoder, to_hf_llama_config, to_hf_llama_state_dict
 
-    reference = random_decoder(tie_embeddings=True)
+    reference = scaled_decoder(tie_embeddings=True)
     hf = LlamaForCausalLM(to_hf_llama_config(reference.config))
     hf.load_state_dict(to_hf_llama_state_dict(reference.state_dict(), reference.config), strict=False)
     hf.save_pretrained(tmp_path)
@@ -312,7 +298,7 @@ def test_smollm2_int8_keeps_the_answer(smollm2):
     from mmgpt.convert.smollm2 import chat_prompt
 
     model, _, tokenizer = smollm2
-    int8 = text_only_mmgpt(_int8_copy(model.decoder))
+    int8 = text_only_mmgpt(quantized_copy(model.decoder))
     ids = tokenizer(chat_prompt(tokenizer, CHAT_PROMPTS[0]), return_tensors="pt").input_ids
     eos = tokenizer.eos_token_id
     expected = generate(model, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=eos)
@@ -320,9 +306,3 @@ def test_smollm2_int8_keeps_the_answer(smollm2):
     with torch.inference_mode():
         agree = (int8.decoder(ids).argmax(-1) == model.decoder(ids).argmax(-1)).float().mean()
     assert agree > 0.9
-
-
-def _int8_copy(decoder: Decoder) -> Decoder:
-    copy = Decoder(decoder.config)
-    copy.load_state_dict(decoder.state_dict())
-    return quantize_decoder_(copy, "int8")

@@ -114,8 +114,7 @@ def test_malformed_records_name_file_and_index(tmp_path, record, message):
 
 
 def test_jsonl_and_the_datamodule_kind(tmp_path, llava_json):
-    from mmgpt.data.datamodule import DataSource
-    from mmgpt.data.shapes import ShapesConfig
+    from mmgpt.data import DataSource, ShapesConfig
 
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in RECORDS))

@@ -6,10 +6,8 @@ import random
 
 import pytest
 
-from mmgpt.data.datamodule import DataSource, MMGPTDataModule
+from mmgpt.data import DataSource, Mixture, MMGPTDataModule, ShapesConfig, ShapesDataset
 from mmgpt.data.length_grouped import LengthGroupedSampler
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset
-from mmgpt.data.sources import Mixture
 from mmgpt.models.image_processor import ImageProcessor
 
 

@@ -7,9 +7,7 @@ import pytest
 import torch
 from conftest import make_lively
 
-from mmgpt.data.collate import IGNORE_INDEX, Collator
-from mmgpt.data.datamodule import DataSource, MMGPTDataModule
-from mmgpt.data.shapes import ShapesConfig
+from mmgpt.data import IGNORE_INDEX, Collator, DataSource, MMGPTDataModule, ShapesConfig
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.train.module import MMGPTModule
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmgpt.data.shapes import ShapesConfig, ShapesDataset
+from mmgpt.data import ShapesConfig, ShapesDataset
 from mmgpt.eval.evaluate import evaluate, score
 
 

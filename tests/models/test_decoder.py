@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RANDOM_DECODER, random_decoder
 from transformers import LlamaForCausalLM
 
 from mmgpt.config import DecoderConfig
@@ -15,25 +16,7 @@ from mmgpt.convert.hf_llama import (
 )
 from mmgpt.models.decoder import Decoder
 
-VOCAB = 64
-
-
-def random_decoder(seed: int = 0, **overrides) -> Decoder:
-    """A decoder whose every weight (norms included) is random and O(1)-scaled, so a swapped or misplaced
-    tensor changes the logits visibly instead of hiding under a tiny init."""
-    config = DecoderConfig(**{
-        "vocab_size": VOCAB, "block_size": 32, "n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 32,
-        **overrides,
-    })
-    torch.manual_seed(seed)
-    decoder = Decoder(config).eval()
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if "norm" in name or "ln_f" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return decoder
+VOCAB = RANDOM_DECODER["vocab_size"]
 
 
 def hf_copy(decoder: Decoder) -> LlamaForCausalLM:

@@ -8,8 +8,7 @@ import torch
 import torch.utils.checkpoint
 
 import mmgpt.models.decoder
-from mmgpt.data.datamodule import DataSource, MMGPTDataModule
-from mmgpt.data.shapes import ShapesConfig
+from mmgpt.data import DataSource, MMGPTDataModule, ShapesConfig
 from mmgpt.train.module import MMGPTModule
 
 

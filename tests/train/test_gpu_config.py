@@ -8,8 +8,7 @@ import pytest
 import yaml
 from conftest import ROOT, cli
 
-from mmgpt.data.datamodule import MMGPTDataModule
-from mmgpt.data.shapes import ShapesDataset
+from mmgpt.data import MMGPTDataModule, ShapesDataset
 from mmgpt.train.cli import MMGPTCLI
 from mmgpt.train.module import MMGPTModule
 

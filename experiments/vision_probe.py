@@ -1,7 +1,7 @@
 """How readable are a frozen vision tower's features? Probes for each grid cell's shape, colour and size.
 
-    python benchmarks/vision_probe.py --config configs/shapes.yaml --config configs/smollm2_shapes.yaml
-    python benchmarks/vision_probe.py --config configs/smollm2_shapes.yaml --set model.vision.feature_layer=-2 \
+    python experiments/vision_probe.py --config configs/shapes.yaml --config configs/smollm2_shapes.yaml
+    python experiments/vision_probe.py --config configs/smollm2_shapes.yaml --set model.vision.feature_layer=-2 \
         --set model.vision.img_size=96 --set data.shapes.image_size=96
 
 For each config, the vision tower its ``model.vision`` builds (weights as the config loads them: a random init or a
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -28,12 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mmgpt.config import VisionConfig  # noqa: E402
-from mmgpt.data.shapes import ShapesConfig, random_scene, render_scene, stable_seed  # noqa: E402
-from mmgpt.models.projector import pixel_shuffle  # noqa: E402
-from mmgpt.models.vision import VisionTower  # noqa: E402
+from mmgpt.config import VisionConfig
+from mmgpt.data import ShapesConfig
+from mmgpt.data.scenes import random_scene, render_scene, stable_seed
+from mmgpt.models.projector import pixel_shuffle
+from mmgpt.models.vision import VisionTower
 
 CELLS = 9  # the scenes' 3x3 layout
 

@@ -1,0 +1,145 @@
+"""``DecodeState``: one left-padded batch being decoded — its prefill, then one KV-cached step per token.
+
+Every row's last prompt token sits in the same cache slot, so one decode step serves all rows. Each row's RoPE
+positions start at its first real token, and padding is masked out of attention, so a row generates exactly what
+it would generate alone. Masks come from ``mmgpt.models.attention`` only, as in training
+(``decoder.attention="prefix"`` included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmgpt.models.attention import build_attention_mask
+from mmgpt.models.mmgpt import MMGPT
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The same mask as an additive bias: SDPA would otherwise convert a boolean mask in every layer, every step.
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def decode_step(
+    decoder: torch.nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Feed ``tokens`` ``(b,)`` into cache slot ``input_pos``; ``mask`` ``(b, 1, 1, S')`` covers the first S'
+    slots. Returns the next logits ``(b, V)``."""
+    return decoder(tokens[:, None], input_pos=input_pos, position_ids=position_ids, attn_mask=mask)[:, -1]
+
+
+class DecodeState:
+    """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
+
+    Building one only checks and lays out the batch; ``prefill`` runs the model over the prompts, ``step`` feeds
+    one token per row, ``select(rows)`` keeps, repeats or reorders rows everywhere at once, and ``close`` frees
+    the cache (also on leaving a ``with`` block).
+
+    Args:
+        model: the model; its decoder holds the KV cache while this state is open, so one state per model at a
+            time.
+        input_ids: ``(B, T)`` left-padded prompts.
+        attention_mask: ``(B, T)``, 1 on real tokens; ``None`` = no padding.
+        max_new_tokens: the most tokens any row will generate (sizes the cache).
+        use_cache: False re-runs the whole sequence each step (the reference path).
+        compile: run the decode step through ``torch.compile``. Dynamic shapes: the attended slots grow by one per
+            step and one graph serves every length (a static graph would attend to the whole cache, which costs
+            more than the compile saves). The batch size stays static (the cache is a module buffer), so each
+            batch size compiles once; torch keeps the compiled graphs across calls.
+        track_seen: keep which tokens each row has seen, for the repetition penalty.
+    """
+
+    def __init__(
+        self, model: MMGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+        use_cache: bool = True, compile: bool = False, track_seen: bool = False,
+    ) -> None:
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {(B, T)}")
+        block_size = model.config.decoder.block_size
+        S = T + max_new_tokens  # every slot this generation will fill
+        if S > block_size:
+            raise ValueError(
+                f"prompt ({T} tokens, images included) + max_new_tokens ({max_new_tokens}) = {S} exceeds "
+                f"decoder.block_size={block_size}; shorten the prompt or lower max_new_tokens"
+            )
+        self.model, self.decoder, self.input_ids, self.T, self.use_cache = model, model.decoder, input_ids, T, use_cache
+        self.step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        # Prefix-LM: the whole left-padded prompt (image included) ends at slot T in every row.
+        self.prefix_end = T if model.config.decoder.attention == "prefix" else None
+        self.slots = torch.arange(S, device=device)
+        self.key_valid = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S): False on left padding
+        self.key_valid[:, :T] = attention_mask.bool()
+        pad_len = T - attention_mask.sum(dim=1)  # (B,)
+        self.position_ids = (self.slots[None, :] - pad_len[:, None]).clamp(min=0)  # (B, S): real tokens from 0
+        # The prompt's real tokens and the output so far, for the repetition penalty (padding is in no prompt).
+        self.seen = None
+        if track_seen:
+            counts = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.long, device=device)
+            self.seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0  # (B, V)
+        self.decode_mask = self.embeds = None
+
+    def prefill(self, images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompts (with their images) through the model; returns the next-token logits ``(B, V)``.
+
+        Args:
+            images: ``(N, 3, H, W)`` for the ``<image>`` placeholders in order, or ``image_embeds``
+                ``(N, image_seq_len, n_embd)`` already encoded.
+        """
+        T = self.T
+        x = self.model.embed(self.input_ids, images, image_embeds)  # (B, T, C)
+        mask = build_attention_mask(self.key_valid[:, :T], self.slots[:T], self.prefix_end)  # (B, 1, T, T)
+        if not self.use_cache:
+            self.embeds = x  # the reference path re-runs the whole sequence every step
+            return self.decoder(
+                inputs_embeds=x, position_ids=self.position_ids[:, :T], attn_mask=mask, logits_to_keep=1
+            )[:, -1]
+        self.decoder.set_kv_cache(x.size(0), self.slots.numel(), device=x.device, dtype=x.dtype)
+        # Every decode step's query is the newest token, which sees every valid slot written so far: one mask row
+        # serves all steps, sliced to the slots in use.
+        self.decode_mask = _additive(build_attention_mask(self.key_valid, self.slots[-1:]), x.dtype)
+        return self.decoder(
+            inputs_embeds=x, input_pos=self.slots[:T], position_ids=self.position_ids[:, :T],
+            attn_mask=_additive(mask, x.dtype), logits_to_keep=1,
+        )[:, -1]  # (B, V)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep / repeat / reorder batch rows (``rows`` index the current rows)."""
+        self.key_valid, self.position_ids = self.key_valid[rows], self.position_ids[rows]
+        if self.seen is not None:
+            self.seen = self.seen[rows]
+        if self.use_cache:
+            self.decoder.kv_cache_select(rows)
+            self.decode_mask = self.decode_mask[rows]
+        else:
+            self.embeds = self.embeds[rows]
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed token ``step`` (0-based, ``(b,)``) and return the next logits ``(b, V)``."""
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
+        pos = self.T + step
+        if not self.use_cache:
+            self.embeds = torch.cat([self.embeds, self.decoder.wte(tokens[:, None])], dim=1)  # (b, pos + 1, C)
+            mask = build_attention_mask(self.key_valid[:, : pos + 1], self.slots[: pos + 1], self.prefix_end)
+            return self.decoder(
+                inputs_embeds=self.embeds, position_ids=self.position_ids[:, : pos + 1], attn_mask=mask,
+                logits_to_keep=1,
+            )[:, -1]
+        return self.step_fn(
+            self.decoder, tokens, self.slots[pos : pos + 1], self.position_ids[:, pos : pos + 1],
+            self.decode_mask[..., : pos + 1],
+        )
+
+    def close(self) -> None:
+        if self.use_cache:
+            self.decoder.clear_kv_cache()
+
+    def __enter__(self) -> DecodeState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,32 @@
+"""When a sequence ends besides its end-of-sequence token: stop strings, read from the decoded tail."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def cut_at_stop_string(text: str, stop_strings: Sequence[str] | None) -> tuple[str, bool]:
+    """The text before the earliest stop string (which is not returned), and whether one was found."""
+    ends = [i for i in (text.find(s) for s in stop_strings or ()) if i >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+class StopStrings:
+    """Tells whether a row's newest token completed a stop string."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer: PreTrainedTokenizerBase | None) -> None:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer to read the generated text: pass tokenizer=...")
+        if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
+        self.strings, self.tokenizer = list(stop_strings), tokenizer
+        # Only the tail is decoded: a token is at least one byte, so the last `window` tokens hold any stop
+        # string that ends in the newest one, plus a character cut at the window's start.
+        self.window = max(len(s.encode()) for s in self.strings) + 4
+
+    def hit(self, ids: torch.Tensor) -> bool:
+        tail = self.tokenizer.decode(ids[-self.window :].tolist(), skip_special_tokens=True)
+        return any(s in tail for s in self.strings)
