@@ -28,6 +28,12 @@ def decode_step(
     return decoder(tokens[:, None], input_pos=input_pos, position_ids=position_ids, attn_mask=mask)[:, -1]
 
 
+# The same step through torch.compile; compiles on first use. Dynamic shapes: the attended slots grow by one per
+# step and one graph serves every length (a static graph would attend to the whole cache, which costs more than
+# the compile saves). The batch size stays static (the cache is a module buffer), so each batch size compiles once.
+compiled_decode_step = torch.compile(decode_step, dynamic=True)
+
+
 class DecodeState:
     """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
 
@@ -42,10 +48,7 @@ class DecodeState:
         attention_mask: ``(B, T)``, 1 on real tokens; ``None`` = no padding.
         max_new_tokens: the most tokens any row will generate (sizes the cache).
         use_cache: False re-runs the whole sequence each step (the reference path).
-        compile: run the decode step through ``torch.compile``. Dynamic shapes: the attended slots grow by one per
-            step and one graph serves every length (a static graph would attend to the whole cache, which costs
-            more than the compile saves). The batch size stays static (the cache is a module buffer), so each
-            batch size compiles once; torch keeps the compiled graphs across calls.
+        compile: run the decode step through ``torch.compile`` (``compiled_decode_step``).
         track_seen: keep which tokens each row has seen, for the repetition penalty.
     """
 
@@ -67,7 +70,7 @@ class DecodeState:
                 f"decoder.block_size={block_size}; shorten the prompt or lower max_new_tokens"
             )
         self.model, self.decoder, self.input_ids, self.T, self.use_cache = model, model.decoder, input_ids, T, use_cache
-        self.step_fn = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self.step_fn = compiled_decode_step if compile else decode_step
         # Prefix-LM: the whole left-padded prompt (image included) ends at slot T in every row.
         self.prefix_end = T if model.config.decoder.attention == "prefix" else None
         self.slots = torch.arange(S, device=device)
