@@ -15,10 +15,17 @@ from typing import Any
 import yaml
 
 
-def _from_dict(cls, d: dict[str, Any], where: str):
-    """Build dataclass ``cls`` from ``d``, naming the offending key when the dict does not fit."""
+def config_from_dict(cls, d: dict[str, Any], where: str = "config"):
+    """Build config dataclass ``cls`` from ``d``, naming the offending key when the dict does not fit.
+
+    Reads what earlier versions saved too: a decoder's ``hf_native: true/false`` is ``backend: native`` / the
+    default.
+    """
     if not isinstance(d, dict):
         raise TypeError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    if cls is DecoderConfig and "hf_native" in d:
+        d = dict(d)
+        d.setdefault("backend", "native" if d.pop("hf_native") else None)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -156,18 +163,18 @@ class MMGPTConfig:
     def __post_init__(self) -> None:
         # Accept plain dicts (from YAML or the CLI) for the sub-configs.
         if isinstance(self.vision, dict):
-            self.vision = _from_dict(VisionConfig, self.vision, "vision")
+            self.vision = config_from_dict(VisionConfig, self.vision, "vision")
         if isinstance(self.projector, dict):
-            self.projector = _from_dict(ProjectorConfig, self.projector, "projector")
+            self.projector = config_from_dict(ProjectorConfig, self.projector, "projector")
         if isinstance(self.decoder, dict):
-            self.decoder = _from_dict(DecoderConfig, self.decoder, "decoder")
+            self.decoder = config_from_dict(DecoderConfig, self.decoder, "decoder")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MMGPTConfig:
-        return _from_dict(cls, dict(d), "config")
+        return config_from_dict(cls, dict(d), "config")
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -178,7 +185,7 @@ class MMGPTConfig:
             d = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from e
-        return _from_dict(cls, d, str(path))
+        return config_from_dict(cls, d, str(path))
 
     def replace(self, **changes: Any) -> MMGPTConfig:
         return dataclasses.replace(self, **changes)

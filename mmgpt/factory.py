@@ -1,7 +1,7 @@
 """``create_model``: the one way to build an ``MMGPT`` from a config, with pretrained weights when asked.
 
-The model's modules never read files; what a config points at on disk (a pretrained LM's ``config.json`` and
-weights) is read here, through the converters.
+The decoders never read files: a pretrained LM's ``config.json`` and weights are read here, through the
+converters. (The vision tower reads its own ``vision.checkpoint_path``, through timm's loader, as timm models do.)
 """
 
 from __future__ import annotations

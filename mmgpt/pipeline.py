@@ -175,6 +175,7 @@ class Pipeline:
         seed: int | None = None,
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
         **kwargs: Any,
     ) -> str | list[str] | list[list[str]]:
         """Generate text for one (image, prompt) pair or for lists of them, batched.
@@ -189,6 +190,8 @@ class Pipeline:
             seed: seeds sampling for reproducible results (or pass ``generator=torch.Generator()``).
             generation_config: how to decode; default ``self.generation_config`` (greedy, 48 tokens, the
                 tokenizer's eos and pad).
+            generator: a ``torch.Generator`` to sample with, instead of ``seed``.
+            tokenizer: reads the text for ``stop_strings``; default the pipeline's own.
             **kwargs: any ``GenerationConfig`` field, overriding ``generation_config``'s, in HF ``generate``'s
                 names: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
@@ -210,7 +213,7 @@ class Pipeline:
         input_ids, attention_mask, image_embeds = self._inputs(images, prompts)
         new = generate_ids(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=self._generator(seed, generator), tokenizer=self.tokenizer,
+            generator=self._generator(seed, generator), tokenizer=tokenizer or self.tokenizer,
         )
         texts = [self._text(row, config.stop_strings) for row in new]
         n = config.num_return_sequences
@@ -226,6 +229,7 @@ class Pipeline:
         seed: int | None = None,
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
         **kwargs: Any,
     ) -> Iterator[str]:
         """Generate the answer to one prompt piece by piece, as it is written.
@@ -235,8 +239,9 @@ class Pipeline:
         not to be one.
 
         Args:
-            image, prompt, max_new_tokens, seed, generation_config, generator, **kwargs: as ``generate`` for one
-                input (one sequence and no beam search: only the end of a beam search knows its best sequence).
+            image, prompt, max_new_tokens, seed, generation_config, generator, tokenizer, **kwargs: as
+                ``generate`` for one input (one sequence and no beam search: only the end of a beam search knows
+                its best sequence).
 
         Yields:
             Text increments.
@@ -248,7 +253,7 @@ class Pipeline:
         text = _TextStream(self.tokenizer, config.stop_strings)
         for _, tokens in stream_tokens(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=self._generator(seed, generator), tokenizer=self.tokenizer,
+            generator=self._generator(seed, generator), tokenizer=tokenizer or self.tokenizer,
         ):
             piece = text.push(int(tokens[0]))
             if piece:
@@ -303,7 +308,8 @@ def load(path: str | Path | None = None, map_location: str | torch.device = "cpu
         map_location: device for the weights.
 
     Returns:
-        A ``Pipeline`` with ``.generate(images, prompts, **sampling)`` and ``.save_pretrained(dir)``.
+        A ``Pipeline`` with ``.generate(images, prompts, generation_config=None, **kwargs)``, ``.stream``,
+        ``.encode_image`` and ``.save_pretrained(dir)``.
     """
     if path is None:
         if not (DEFAULT_MODEL / CONFIG_FILE).is_file():

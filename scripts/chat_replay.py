@@ -126,5 +126,6 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{result['reference_ppl']:.3f}")
     print(json.dumps(result))
 
+
 if __name__ == "__main__":
     main()

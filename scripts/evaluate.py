@@ -14,18 +14,18 @@ import sys
 from pathlib import Path
 
 from jsonargparse import ArgumentError, get_loader
-from lightning.pytorch.cli import LightningArgumentParser
 
 import mmgpt
 from mmgpt.data import MMGPTDataModule
 from mmgpt.eval.evaluate import evaluate
+from mmgpt.train.cli import datamodule_from_config
 
 
 def datamodule_from(spec: str) -> MMGPTDataModule:
     """``shapes`` (the built-in data with its default splits) or a training YAML whose ``data:`` section is used.
 
-    The section goes through the parser training's LightningCLI builds for ``data``, so it gets the same
-    defaults, types and errors as ``scripts/train.py fit --config`` would give it.
+    The section is read as training reads it (``mmgpt.train.cli.datamodule_from_config``): the same defaults,
+    types and errors as ``scripts/train.py fit --config`` would give it.
     """
     if spec == "shapes":
         section = {}
@@ -37,13 +37,10 @@ def datamodule_from(spec: str) -> MMGPTDataModule:
         section = (get_loader("yaml")(path.read_text()) or {}).get("data")
         if not isinstance(section, dict):
             raise SystemExit(f"--data {spec}: the file has no data: section")
-    parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_lightning_class_args(MMGPTDataModule, "data")  # as LightningCLI adds its datamodule
     try:
-        config = parser.parse_object({"data": section})
+        return datamodule_from_config(section)
     except ArgumentError as e:
         raise SystemExit(f"--data {spec}: {e}") from e
-    return parser.instantiate(config).data
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -240,3 +242,30 @@ def test_a_cycle_through_a_package_init_is_found(tmp_path):
         "y/n.py": "from pkg.x.other import O\n",
     })
     assert import_cycles(internal(import_graph(root, "pkg"))) == ["pkg.x -> pkg.x.m -> pkg.y.n -> pkg.x"]
+
+
+# What importing one part loads at run time (the static graph above cannot see lazy package attributes): a fresh
+# interpreter imports the module and reports which of the heavy or higher-layer modules came with it.
+@pytest.mark.parametrize("module,must_not_load", [
+    ("mmgpt", ("torch", "lightning", "transformers")),  # public names load on first use
+    ("mmgpt.config", ("torch",)),  # configs are torch-free
+    ("mmgpt.generation.config", ("torch",)),
+    ("mmgpt.pipeline", ("lightning", "mmgpt.train", "mmgpt.data.datamodule")),  # inference needs no Lightning
+    ("mmgpt.train.module", ("mmgpt.pipeline",)),  # training never imports the inference layer
+])
+def test_importing_a_module_loads_only_its_layer(module, must_not_load):
+    code = f"import sys, {module}; print([m for m in {list(must_not_load)!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {module} loaded {out.strip()}"
+
+
+def test_lazy_public_names_resolve():
+    import mmgpt
+    import mmgpt.data
+    import mmgpt.generation
+
+    for package in (mmgpt, mmgpt.data, mmgpt.generation):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+            package.nope  # noqa: B018

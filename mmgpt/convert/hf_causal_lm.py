@@ -64,8 +64,6 @@ def load_pretrained_lm(config: DecoderConfig) -> nn.Module:
     return model
 
 
-
-
 def load_pretrained_decoder(decoder: nn.Module, config: DecoderConfig) -> None:
     """Copy the pretrained LM at ``config.hf_path`` into ``decoder``: as it is into an ``HFDecoder``, converted
     into the native layout into a ``Decoder`` (``decoder.backend="native"``)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerFast
 
@@ -17,7 +16,7 @@ from mmgpt.data.collate import Collator
 from mmgpt.eval.metrics import caption_metrics, exact_match, perplexity, vqa_metrics
 from mmgpt.generation.engine import generate
 from mmgpt.models.mmgpt import MMGPT
-from mmgpt.train.loss import next_token_targets
+from mmgpt.train.loss import next_token_targets, summed_next_token_loss
 
 
 @torch.inference_mode()
@@ -58,15 +57,16 @@ def teacher_forced(
             batch["input_ids"].to(device), images, prefix_lengths=batch["prefix_lengths"].to(device),
             logits_at=logits_at,
         )  # (K, V): only where a reference token is predicted
-        targets = batch["labels"][:, 1:].to(device)[is_target]  # (K,)
-        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        top1 += int((logits.argmax(-1) == targets).sum())
-        count += targets.numel()
+        labels = batch["labels"].to(device)
+        nll, n = summed_next_token_loss(logits, labels, is_target, per="token")  # the training loss, summed
+        total += float(nll)
+        top1 += int((logits.argmax(-1) == labels[:, 1:][is_target]).sum())
+        count += int(n)
     return {"nll": total, "top1": top1, "tokens": count}
 
 
 def score(rows: Sequence[dict]) -> dict[str, float]:
-    """Metrics over predictions from ``predict``, grouped by task (keys like ``caption/cider_d``)."""
+    """Metrics over ``predict_batch``'s rows, grouped by task (keys like ``caption/cider_d``)."""
     out: dict[str, float] = {"samples": float(len(rows))}
     captions = [r for r in rows if r["task"] == "caption"]
     if captions:

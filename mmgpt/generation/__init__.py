@@ -1,7 +1,22 @@
 """Generation: ``GenerationConfig``, the sampling functions, stop strings, the KV-cached decode state, greedy /
 sampled / streamed decoding (``engine``), beam search, and int8 weights for the decode step (``quantize``)."""
 
-from mmgpt.generation.config import GenerationConfig
-from mmgpt.generation.engine import generate, stream_tokens
+from typing import TYPE_CHECKING
 
-__all__ = ["GenerationConfig", "generate", "stream_tokens"]
+from mmgpt._lazy import lazy_exports
+
+# Imported on first use, so that GenerationConfig alone needs no torch.
+_EXPORTS = {
+    "GenerationConfig": "mmgpt.generation.config", "generate": "mmgpt.generation.engine",
+    "stream_tokens": "mmgpt.generation.engine", "apply_repetition_penalty": "mmgpt.generation.sampling",
+    "sample": "mmgpt.generation.sampling", "warp_logits": "mmgpt.generation.sampling",
+    "cut_at_stop_string": "mmgpt.generation.stopping",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from mmgpt.generation.config import GenerationConfig
+    from mmgpt.generation.engine import generate, stream_tokens
+    from mmgpt.generation.sampling import apply_repetition_penalty, sample, warp_logits
+    from mmgpt.generation.stopping import cut_at_stop_string

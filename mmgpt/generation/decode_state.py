@@ -28,12 +28,6 @@ def decode_step(
     return decoder(tokens[:, None], input_pos=input_pos, position_ids=position_ids, attn_mask=mask)[:, -1]
 
 
-# The same step through torch.compile; compiles on first use. Dynamic shapes: the attended slots grow by one per
-# step and one graph serves every length (a static graph would attend to the whole cache, which costs more than
-# the compile saves). The batch size stays static (the cache is a module buffer), so each batch size compiles once.
-compiled_decode_step = torch.compile(decode_step, dynamic=True)
-
-
 class DecodeState:
     """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
 
@@ -48,7 +42,10 @@ class DecodeState:
         attention_mask: ``(B, T)``, 1 on real tokens; ``None`` = no padding.
         max_new_tokens: the most tokens any row will generate (sizes the cache).
         use_cache: False re-runs the whole sequence each step (the reference path).
-        compile: run the decode step through ``torch.compile`` (``compiled_decode_step``).
+        compile: run the decode step through ``torch.compile``. Dynamic shapes: the attended slots grow by one per
+            step and one graph serves every length (a static graph would attend to the whole cache, which costs
+            more than the compile saves). The batch size stays static (the cache is a module buffer), so each
+            batch size compiles once; torch keeps the compiled graphs for later calls.
         track_seen: keep which tokens each row has seen, for the repetition penalty.
     """
 
@@ -70,7 +67,7 @@ class DecodeState:
                 f"decoder.block_size={block_size}; shorten the prompt or lower max_new_tokens"
             )
         self.model, self.decoder, self.input_ids, self.T, self.use_cache = model, model.decoder, input_ids, T, use_cache
-        self.step_fn = compiled_decode_step if compile else decode_step
+        self.compile, self.step_fn = compile, None  # the step function, made at the first step
         # Prefix-LM: the whole left-padded prompt (image included) ends at slot T in every row.
         self.prefix_end = T if model.config.decoder.attention == "prefix" else None
         self.slots = torch.arange(S, device=device)
@@ -132,6 +129,8 @@ class DecodeState:
                 inputs_embeds=self.embeds, position_ids=self.position_ids[:, : pos + 1], attn_mask=mask,
                 logits_to_keep=1,
             )[:, -1]
+        if self.step_fn is None:
+            self.step_fn = torch.compile(decode_step, dynamic=True) if self.compile else decode_step
         return self.step_fn(
             self.decoder, tokens, self.slots[pos : pos + 1], self.position_ids[:, pos : pos + 1],
             self.decode_mask[..., : pos + 1],

@@ -1,4 +1,5 @@
 """The model: vision tower, image processor, projector, attention masks and decoders, assembled into ``MMGPT``.
 
-Modules only: nothing here reads a file or knows of Lightning (``mmgpt.create_model`` builds and loads them).
+Modules that know nothing of Lightning, data or generation. ``mmgpt.create_model`` builds them and loads a
+pretrained LM into the decoder; the only file a module opens itself is the vision tower's timm checkpoint.
 """

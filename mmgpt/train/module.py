@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from mmgpt.checkpoint import add_to_lightning_checkpoint, load_weights, tokenizer_from_lightning_checkpoint
-from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig, config_from_dict
 from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
 from mmgpt.models.lora import LoRAConfig, apply_lora
@@ -32,7 +32,9 @@ _EMBEDDING_NAMES = ("pos_embed", "cls_token", "reg_token")
 
 def _as_config(cls, value):
     # The CLI gives dataclasses; a checkpoint's hparams give dicts (so it loads with weights_only=True).
-    return cls(**value) if isinstance(value, dict) else (value if value is not None else cls())
+    if isinstance(value, dict):
+        return config_from_dict(cls, value, f"model.{cls.__name__}")
+    return value if value is not None else cls()
 
 
 class MMGPTModule(L.LightningModule):

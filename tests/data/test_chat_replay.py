@@ -20,7 +20,8 @@ def test_train_and_test_prompts_are_disjoint_and_distinct():
     assert len(train) >= 150 and len(test) == len(TEST_PROMPTS)
     assert len(set(train)) == len(train) and len(set(test)) == len(test)
     assert not set(train) & set(test)
-    # The issue's own check stays held out: never replayed, so keeping it is generalisation.
+    # The recipe's own check (configs/smollm2_shapes_instruct.yaml) stays held out: never replayed, so keeping it
+    # is generalisation.
     assert "What is the capital of France?" in test
     assert chat_prompts("train") == train  # a fixed order: the replay file is reproducible
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):

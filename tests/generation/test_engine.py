@@ -238,8 +238,6 @@ def test_cuda_generation_matches_cpu(lively, pipeline, requests):
     assert torch.equal(cached.cpu(), cpu)
 
 
-
-
 # Prompts with no image, one, two and three images, of different lengths.
 
 

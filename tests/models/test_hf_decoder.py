@@ -298,9 +298,9 @@ def test_packed_rows_equal_each_sample_alone(lm_dir, attention):
 
 
 def test_prefix_lm_training_logits_agree_with_cached_generation(lm_dir):
-    # decoder.attention=prefix with an HF LM, as stop 12 tried in the SmolLM2 recipe's stage 2: the logits of
-    # prompt + generated answer in one forward must pick the tokens KV-cached generation chose, and the prompt
-    # must see itself both ways.
+    # decoder.attention=prefix with an HF LM, as tried in a stage 2 of the SmolLM2 recipe
+    # (docs/experiments/2026-12-01-smollm2-stage2-prefix-lm.md): the logits of prompt + generated answer in one
+    # forward must pick the tokens KV-cached generation chose, and the prompt must see itself both ways.
     _, path = lm_dir
     pipe = _mmgpt(path, attention="prefix")
     model = pipe.model.eval()
