@@ -9,11 +9,16 @@ An exported model is a directory::
 A Lightning training checkpoint (``.ckpt``) carries, beside Lightning's own keys, the model config, the tokenizer
 and the LoRA settings under the ``CKPT_*_KEY`` names, so that the file alone is enough to load the model. It is
 read with ``torch.load(weights_only=True)``.
+
+Only local files are read (a URL is refused: fetching is the user's explicit step), and weights that hold a NaN or
+an infinity are neither written nor loaded: a diverged run must not pass for a trained model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +38,55 @@ CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY = "mmgpt_config", "mmgpt_tokenizer"
 CKPT_LORA_KEY = "mmgpt_lora"
 # Lightning keeps the LightningModule's parameters under its attribute name: MMGPTModule.model.
 _CKPT_MODEL_PREFIX = "model."
+# A URL ("http://", "file://") or an fsspec path ("s3://", "simplecache::http://"): not a local path. Lightning and
+# torch.hub would fetch such a path and unpickle it with weights_only=False.
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
+# How many offending tensors an error names before summing up the rest.
+_NAMED = 8
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` is a URL or an fsspec protocol path rather than a local file system path."""
+    return bool(_REMOTE.match(str(path)))
+
+
+def local_path(path: str | Path, argument: str) -> Path:
+    """``path`` as a local ``Path`` (``~`` expanded), or a ValueError naming ``argument`` if it is a URL.
+
+    Args:
+        path: what the user passed.
+        argument: how the user passed it (``"ckpt_path"``, ``"init_from"``...), for the error message.
+    """
+    if is_remote(path):
+        raise ValueError(
+            f"{argument}={str(path)!r} is a URL; mmgpt reads checkpoints from local files only "
+            f"(a remote pickle could run code when loaded): download it first and pass the local path"
+        )
+    return Path(path).expanduser()
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
+    return [
+        name for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def check_finite(state_dict: Mapping[str, Any], where: str) -> None:
+    """Raise a ValueError naming the tensors of ``state_dict`` that are not finite (``where``: what they are)."""
+    if bad := nonfinite_tensors(state_dict):
+        shown = ", ".join(bad[:_NAMED]) + (f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else "")
+        raise ValueError(
+            f"{where}: {len(bad)} of {len(state_dict)} weight tensors hold NaN or inf ({shown}); a diverged "
+            f"training run leaves such weights: restart from an earlier checkpoint with a lower learning rate"
+        )
 
 
 def save_exported(model: MMGPT, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """Write ``model`` and ``tokenizer`` as an exported directory at ``path``."""
+    # Checked before anything is written: a NaN model must not leave a directory that looks like an export.
+    check_finite(model.state_dict(), f"cannot export to {path}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # Self-contained: the weights are all in model.safetensors, so no original checkpoint file is referenced.
@@ -47,19 +97,25 @@ def save_exported(model: MMGPT, tokenizer: PreTrainedTokenizerBase, path: str | 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
     """``(model, tokenizer)`` from an exported directory."""
-    path = Path(path)
+    path = local_path(path, "path")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an exported mmgpt model: {name} is missing")
     model = _model_for_weights(MMGPTConfig.from_yaml(path / CONFIG_FILE)).to(map_location)
     load_model(model, str(path / WEIGHTS_FILE), device=str(map_location))
+    check_finite(model.state_dict(), str(path / WEIGHTS_FILE))
     return model, load_tokenizer(path)
 
 
 def add_to_lightning_checkpoint(
     checkpoint: dict, model: MMGPT, tokenizer: PreTrainedTokenizerBase, lora: dict | None
 ) -> None:
-    """What ``MMGPTModule.on_save_checkpoint`` adds, so ``mmgpt.load(ckpt)`` needs nothing else."""
+    """What ``MMGPTModule.on_save_checkpoint`` adds, so ``mmgpt.load(ckpt)`` needs nothing else.
+
+    Refuses (ValueError naming the tensors) a checkpoint whose weights are not finite: Lightning writes the file only
+    after this hook returns, so a diverged model never lands on disk, whichever callback asked for the save.
+    """
+    check_finite(checkpoint["state_dict"], "refusing to write a training checkpoint")
     checkpoint[CKPT_CONFIG_KEY] = model.config.to_dict()
     checkpoint[CKPT_TOKENIZER_KEY] = tokenizer_to_files(tokenizer)
     checkpoint[CKPT_LORA_KEY] = lora
@@ -73,7 +129,9 @@ def tokenizer_from_lightning_checkpoint(checkpoint: dict) -> PreTrainedTokenizer
 
 def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
     """``(model, tokenizer)`` from a training checkpoint; LoRA adapters in it are merged into plain weights."""
-    path = Path(path)
+    path = local_path(path, "path")
+    if not path.is_file():
+        raise FileNotFoundError(f"no Lightning checkpoint file at {path}")
     # weights_only=True: a checkpoint is data; loading it must never run code from the file.
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -86,15 +144,17 @@ def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device
     if lora:
         apply_lora(model.decoder, LoRAConfig(**lora))
     n = len(_CKPT_MODEL_PREFIX)
-    model.load_state_dict({k[n:]: v for k, v in ckpt["state_dict"].items() if k.startswith(_CKPT_MODEL_PREFIX)})
+    state_dict = {k[n:]: v for k, v in ckpt["state_dict"].items() if k.startswith(_CKPT_MODEL_PREFIX)}
+    check_finite(state_dict, str(path))
+    model.load_state_dict(state_dict)
     if lora:
         merge_lora(model.decoder)  # inference and export use plain weights
     return model.to(map_location), tokenizer_from_lightning_checkpoint(ckpt)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
-    """``(model, tokenizer)`` from an exported directory or a Lightning ``.ckpt`` file."""
-    path = Path(path)
+    """``(model, tokenizer)`` from an exported directory or a Lightning ``.ckpt`` file (local paths only)."""
+    path = local_path(path, "path")
     if path.is_dir():
         return load_exported(path, map_location)
     if path.is_file():
@@ -109,7 +169,11 @@ def load_weights(model: MMGPT, path: str | Path) -> None:
         model: a model of the same architecture.
         path: what ``load_checkpoint`` accepts; LoRA adapters in it are merged first.
     """
-    source, _ = load_checkpoint(path)
+    path = local_path(path, "init_from")
+    try:
+        source, _ = load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"init_from: {e}") from e
     try:
         model.load_state_dict(source.state_dict())
     except RuntimeError as e:

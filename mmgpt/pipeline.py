@@ -5,7 +5,9 @@ File formats are ``mmgpt.checkpoint``'s; this module turns images and prompts in
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,13 @@ class ImageEmbedding:
 
     embeds: torch.Tensor  # (image_seq_len, n_embd), ready to splice into the prompt
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != 2:
+            raise TypeError(
+                "ImageEmbedding.embeds must be an (image_seq_len, n_embd) tensor from Pipeline.encode_image, got "
+                f"{type(self.embeds).__name__} of shape {tuple(getattr(self.embeds, 'shape', ()))}"
+            )
+
 
 # What a prompt's image slot takes: nothing, an image, an encoded image, or a list of those (several images).
 ImageSlot = ImageInput | ImageEmbedding | None | Sequence[ImageInput | ImageEmbedding]
@@ -44,6 +53,14 @@ ImageSlot = ImageInput | ImageEmbedding | None | Sequence[ImageInput | ImageEmbe
 
 class Pipeline:
     """A model with its tokenizer and image processor: ``generate`` or ``stream`` text from images and prompts.
+
+    Threads may share a pipeline. The KV cache lives in the model, so its generations take turns (see
+    ``mmgpt.generation.decode_state``): a ``generate`` call waits for the one decoding, and every call returns
+    exactly what it returns alone (sampling too, with ``seed=`` or a generator per thread). A ``stream`` holds the
+    model from its first piece until it is exhausted, closed or garbage-collected; starting another generation on
+    the model in the thread holding an unfinished stream raises ``RuntimeError`` (waiting there would never end).
+    Tokenizing and ``encode_image`` touch no cache and run in parallel. For parallel decoding, give each thread a
+    model of its own (``copy.deepcopy(pipeline)``).
 
     Args:
         model: an ``MMGPT``.
@@ -103,6 +120,7 @@ class Pipeline:
     def _tokenize(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one (or None) per prompt")
+        # conversation() checks each prompt: a str or None, valid Unicode, and no "<image>" marker of its own.
         per_prompt = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         rows = [
             encode_conversation(
@@ -147,7 +165,8 @@ class Pipeline:
     ) -> GenerationConfig:
         """The config a call decodes with: ``generation_config`` (default ``self.generation_config``), then the
         call's keywords; eos and pad come from the tokenizer unless set."""
-        config = generation_config or self.generation_config
+        # Resolved once alone first: that checks it is a GenerationConfig before its fields are read.
+        config = resolve_generation_config(self.generation_config if generation_config is None else generation_config)
         if config.eos_token_id is None:
             config = config.update(eos_token_id=self.tokenizer.eos_token_id)
         if config.pad_token_id is None:
@@ -157,11 +176,15 @@ class Pipeline:
         return resolve_generation_config(config, **kwargs)
 
     def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if seed is None:
             return generator
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
         if generator is not None:
             raise ValueError("pass seed or generator, not both")
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _text(self, ids: torch.Tensor, stop_strings: Sequence[str] | None) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -199,8 +222,14 @@ class Pipeline:
                 ``TypeError``.
 
         Returns:
-            A string for a single input, a list of strings for lists; with ``num_return_sequences=n > 1``
-            each of those becomes a list of ``n`` strings.
+            A string for a single input, a list of strings for lists (empty lists: ``[]``); with
+            ``num_return_sequences=n > 1`` each of those becomes a list of ``n`` strings.
+
+        Raises:
+            TypeError, ValueError: naming the argument: a prompt that is not a string, not valid Unicode or holds
+                ``<image>``; as many images as prompts; a ``GenerationConfig`` field of the wrong type or out of
+                range; ``seed`` not an int.
+            RuntimeError: this thread holds an unfinished ``stream`` on the same model.
         """
         single = not isinstance(prompts, (list, tuple)) and not isinstance(images, (list, tuple))
         if single:
@@ -210,10 +239,13 @@ class Pipeline:
         elif not isinstance(prompts, (list, tuple)):
             prompts = [prompts] * len(images)
         config = self._generation_config(generation_config, max_new_tokens, kwargs)
+        generator = self._generator(seed, generator)
+        if not prompts and not images:
+            return []  # an empty batch (after the arguments were checked, so a bad one is still an error)
         input_ids, attention_mask, image_embeds = self._inputs(images, prompts)
         new = generate_ids(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=self._generator(seed, generator), tokenizer=tokenizer or self.tokenizer,
+            generator=generator, tokenizer=tokenizer or self.tokenizer,
         )
         texts = [self._text(row, config.stop_strings) for row in new]
         n = config.num_return_sequences
@@ -245,19 +277,27 @@ class Pipeline:
 
         Yields:
             Text increments.
+
+        The model is held (other threads' generations wait) from the first piece until the stream is exhausted,
+        raises or is closed (``close()``; a ``for`` loop left early closes it once the generator is dropped).
         """
         config = self._generation_config(generation_config, max_new_tokens, kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise ValueError("stream() writes one sequence: num_beams and num_return_sequences must be 1")
+        generator = self._generator(seed, generator)
         input_ids, attention_mask, image_embeds = self._inputs([image], [prompt])
         text = _TextStream(self.tokenizer, config.stop_strings)
-        for _, tokens in stream_tokens(
+        steps = stream_tokens(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=self._generator(seed, generator), tokenizer=tokenizer or self.tokenizer,
-        ):
-            piece = text.push(int(tokens[0]))
-            if piece:
-                yield piece
+            generator=generator, tokenizer=tokenizer or self.tokenizer,
+        )
+        # closing(): closing this generator closes the token stream at once, which frees the model's KV cache and
+        # lock, rather than whenever the garbage collector reaches it.
+        with contextlib.closing(steps):
+            for _, tokens in steps:
+                piece = text.push(int(tokens[0]))
+                if piece:
+                    yield piece
         piece = text.end()
         if piece:
             yield piece

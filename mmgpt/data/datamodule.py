@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from mmgpt.data.bad_samples import SkipBadImages, SkippingCollate
 from mmgpt.data.collate import Collator
 from mmgpt.data.length_grouped import LengthGroupedSampler
 from mmgpt.data.sample import TASKS, Task
@@ -99,6 +100,11 @@ class MMGPTDataModule(L.LightningDataModule):
         packing: pack each training batch's samples into as few rows of ``max_length`` tokens as fit (TRL's
             ``packing``), each sample attending only to itself: the same loss and gradients as padded rows,
             with none of the padding's compute, and every task still in every batch.
+        on_bad_sample: what a sample whose image cannot be used (missing, corrupt, over PIL's size limit, or with
+            pixels mmgpt refuses) does when its batch is loaded: ``"error"`` stops with an error naming its file
+            and line (or id); ``"skip"`` drops it from its batch with a logged warning naming the same, counts it
+            in ``batch["skipped"]``, and in training draws a replacement (``mmgpt.data.bad_samples``). Malformed
+            records are errors either way, found when the dataset is built.
         processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders.
     """
 
@@ -116,10 +122,18 @@ class MMGPTDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = False,
         packing: bool = False,
+        on_bad_sample: Literal["error", "skip"] = "error",
         processor: ImageProcessor | None = None,
         image_seq_len: int | None = None,
     ) -> None:
         super().__init__()
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r}; expected 'error' or 'skip'")
+        if mixture_length is not None and mixture_length < 1:
+            raise ValueError(
+                f"data.mixture_length={mixture_length}; expected a positive number of samples per epoch, or null "
+                f"for the sources' total"
+            )
         self.tokenizer_path = tokenizer
         self.sources = {
             "train": train if train is not None else _default_train(),
@@ -129,7 +143,7 @@ class MMGPTDataModule(L.LightningDataModule):
         self.shapes = shapes or ShapesConfig()
         self.batch_size, self.max_length, self.num_workers = batch_size, max_length, num_workers
         self.mixture_length, self.seed, self.group_by_length = mixture_length, seed, group_by_length
-        self.packing = packing
+        self.packing, self.on_bad_sample = packing, on_bad_sample
         self.processor, self.image_seq_len = processor, image_seq_len
         self.tokenizer = load_tokenizer(tokenizer)
         self.datasets: dict[str, Dataset] = {}
@@ -139,8 +153,17 @@ class MMGPTDataModule(L.LightningDataModule):
         if split not in self.datasets:
             sources = self.sources[split]
             if not sources:
-                raise ValueError(f"data.{split} has no sources")
+                raise ValueError(f"data.{split} has no sources: list at least one, e.g. [{{kind: shapes}}]")
             parts = [s.build(split, self.shapes) for s in sources]
+            for k, (source, part) in enumerate(zip(sources, parts, strict=True)):
+                # An empty source is a wrong path, an empty export or size: 0: an error now, not a mixture that
+                # silently never draws from it or an epoch of no steps.
+                if len(part) == 0:
+                    what = f"size={source.size}" if source.kind == "shapes" else f"{source.path} holds no records"
+                    raise ValueError(
+                        f"data.{split}[{k}] (kind {source.kind!r}) gives no samples: {what}. Give it samples or "
+                        f"remove it"
+                    )
             if len(parts) == 1:
                 self.datasets[split] = parts[0]
             elif split == "train":
@@ -163,9 +186,13 @@ class MMGPTDataModule(L.LightningDataModule):
         self, split: str, shuffle: bool, mode: Literal["train", "generate"] = "train", sampler=None,
         pack: bool = False,
     ) -> DataLoader:
+        dataset, collate = self.dataset(split), self.collator(mode, pack)
+        if self.on_bad_sample == "skip":
+            dataset = SkipBadImages(dataset)
+            collate = SkippingCollate(collate, dataset, refill=split == "train")
         return DataLoader(
-            self.dataset(split), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-            sampler=sampler, num_workers=self.num_workers, collate_fn=self.collator(mode, pack),
+            dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+            sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -7,6 +7,7 @@ Images are opened lazily in ``__getitem__``, so building a dataset only reads th
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -19,18 +20,34 @@ import torch
 
 from mmgpt.data.sample import Sample
 from mmgpt.models.image_processor import open_image
-from mmgpt.prompts import CAPTION_PROMPT, IMAGE
+from mmgpt.prompts import CAPTION_PROMPT, IMAGE, check_text
 
 # The instruction for raw text (a .txt line or a {"text": ...} record): the whole text is the target, so
 # every token of it is supervised, and the fixed prompt tells the model to write free text.
 TEXT_PROMPT = "Continue the text."
 
 
+def _read_text(path: Path) -> str:
+    """A file's text, which must be UTF-8 (JSON's only encoding); a bad byte is reported by line and column.
+
+    A leading byte-order mark (Windows editors write one) is dropped: it is no part of the data.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        lineno, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise ValueError(  # the column counts bytes: the line cannot be decoded into characters
+            f"{path} line {lineno} column {e.start - line_start + 1}: not UTF-8 "
+            f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from e
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
 
@@ -40,7 +57,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
+    # newline=None splits lines as a text-mode file does (\n, \r\n or \r); str.splitlines would also split at
+    # U+2028, which JSON allows unescaped inside a string.
+    with io.StringIO(_read_text(path), newline=None) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not records
@@ -54,13 +73,27 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def _string(record: dict[str, Any], key: str, where: str, expected: str) -> str:
-    """``record[key]`` if it is a non-empty string, else an error naming the place and what was expected."""
+def _string(record: dict[str, Any], key: str, where: str, expected: str, prompt: bool = False) -> str:
+    """``record[key]`` if it is a non-empty string, else an error naming the place and what was expected.
+
+    Args:
+        prompt: the field becomes a user turn, where ``<image>`` would be taken for an image marker: refuse it
+            (in these formats the image comes from its own field).
+    """
     if key not in record:
         raise ValueError(f"{where}: missing field {key!r} (expected {expected})")
     value = record[key]
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    try:
+        check_text(value, f"field {key!r}")  # a lone surrogate, which JSON allows and no tokenizer takes
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if prompt and IMAGE in value:
+        raise ValueError(
+            f"{where}: field {key!r} holds {IMAGE}, which would mark an image inside the question; the record's "
+            f"image comes from its own field"
+        )
     return value
 
 
@@ -87,17 +120,33 @@ class CocoCaptions(torch.utils.data.Dataset):
             raise ValueError(f"{self.annotations}: expected a JSON object with {expected}")
 
         files: dict[Any, str] = {}
+        listed_at: dict[Any, int] = {}  # image id -> its position in 'images', to name both copies of a duplicate
         for i, image in enumerate(data["images"]):
             where = f"{self.annotations} images[{i}]"
             if not isinstance(image, dict) or "id" not in image:
                 raise ValueError(f"{where}: missing field 'id' (expected {{'id', 'file_name'}})")
+            if image["id"] in listed_at:
+                # The later entry would silently replace the earlier one's file for every caption of that id.
+                raise ValueError(
+                    f"{where}: duplicate image id {image['id']!r} (also images[{listed_at[image['id']]}]); "
+                    f"each image must be listed once"
+                )
+            listed_at[image["id"]] = i
             files[image["id"]] = _string(image, "file_name", where, "{'id', 'file_name'}")
 
         captions: dict[Any, list[str]] = defaultdict(list)
+        annotation_at: dict[Any, int] = {}  # annotation id (optional in this layout) -> its position
         for i, ann in enumerate(data["annotations"]):
             where = f"{self.annotations} annotations[{i}]"
             if not isinstance(ann, dict) or "image_id" not in ann:
                 raise ValueError(f"{where}: missing field 'image_id' (expected {{'image_id', 'caption'}})")
+            if "id" in ann:
+                # A repeated id is a file merged or written twice: its captions would count twice as references.
+                if ann["id"] in annotation_at:
+                    raise ValueError(
+                        f"{where}: duplicate annotation id {ann['id']!r} (also annotations[{annotation_at[ann['id']]}])"
+                    )
+                annotation_at[ann["id"]] = i
             if ann["image_id"] not in files:
                 raise ValueError(f"{where}: image_id {ann['image_id']!r} is not listed in 'images'")
             # COCO captions carry stray spaces and newlines; the target should not.
@@ -117,7 +166,8 @@ class CocoCaptions(torch.utils.data.Dataset):
         image_id, k = self.index[i]
         sid = f"coco/{image_id}/{k}"
         caps = self.captions[image_id]
-        image = open_image(self.images / self.files[image_id], f"sample {sid}")
+        owner = f"sample {sid}, {self.annotations} image id {image_id!r}"
+        image = open_image(self.images / self.files[image_id], owner)
         return Sample(
             prompt=self.prompt, target=caps[k], image=image, task="caption", id=sid, answers=list(caps)
         )
@@ -145,7 +195,7 @@ class VQAJsonl(torch.utils.data.Dataset):
         for lineno, record in _read_jsonl(self.path):
             where = f"{self.path} line {lineno}"
             image = _string(record, "image", where, self.EXPECTED)
-            question = _string(record, "question", where, self.EXPECTED)
+            question = _string(record, "question", where, self.EXPECTED, prompt=True)
             if "answers" in record:
                 answers = record["answers"]
                 if (
@@ -226,7 +276,7 @@ class TextFile(torch.utils.data.Dataset):
                     self.items.append(
                         (
                             lineno,
-                            _string(record, "prompt", where, self.EXPECTED),
+                            _string(record, "prompt", where, self.EXPECTED, prompt=True),
                             _string(record, "completion", where, self.EXPECTED),
                         )
                     )
@@ -235,7 +285,7 @@ class TextFile(torch.utils.data.Dataset):
         elif self.path.suffix == ".txt":
             if not self.path.is_file():
                 raise FileNotFoundError(f"text file not found: {self.path}")
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            lines = _read_text(self.path).splitlines()
             start, block = 0, []  # the paragraph being gathered and its first line number
             for lineno, line in enumerate([*lines, ""], start=1):  # a final "" flushes the last paragraph
                 if line.strip() and unit == "line":
@@ -300,10 +350,15 @@ class Conversations(torch.utils.data.Dataset):
             value = turn.get("value")
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{at}: field 'value' must be a non-empty string, got {value!r}")
+            try:
+                check_text(value, "field 'value'")
+            except ValueError as e:
+                raise ValueError(f"{at}: {e}") from None
             messages.append({"role": self.ROLES[turn["from"]], "content": value.strip()})
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: no 'gpt' turn, so nothing would be learned from it")
-        markers = sum(m["content"].count(IMAGE) for m in messages)
+        # LLaVA's format marks the image in a human turn; in an answer "<image>" is just text.
+        markers = sum(m["content"].count(IMAGE) for m in messages if m["role"] != "assistant")
         if image is None and markers:
             raise ValueError(f"{where}: a turn holds {IMAGE} but the record has no 'image' field")
         if image is not None and markers > 1:

@@ -4,14 +4,63 @@ Every row's last prompt token sits in the same cache slot, so one decode step se
 positions start at its first real token, and padding is masked out of attention, so a row generates exactly what
 it would generate alone. Masks come from ``mmgpt.models.attention`` only, as in training
 (``decoder.attention="prefix"`` included).
+
+The KV cache is a buffer of the model's decoder, so a model decodes one batch at a time: a ``DecodeState`` holds
+its model's lock from construction to ``close``, and every generation (``generate``, ``stream_tokens``, beam
+search, and the ``Pipeline`` calls built on them) runs inside one. Threads sharing a model therefore take turns,
+each getting exactly the tokens it would get alone.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 
 from mmgpt.models.attention import build_attention_mask
 from mmgpt.models.mmgpt import MMGPT
+
+
+class _ModelLock:
+    """A lock on one model's KV cache that knows the thread holding it.
+
+    A thread that asks for the lock it already holds is refused instead of waiting forever: it is an unfinished
+    stream (a suspended generator holds the lock between tokens) followed by another generation in the same
+    thread, which would otherwise deadlock. (An ``RLock`` would let the second generation in, and it would replace
+    the cache the stream is still decoding with.)
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self) -> None:
+        if self.owner == threading.get_ident():
+            raise RuntimeError(
+                "this model is already generating in this thread: an unfinished stream() or stream_tokens() holds "
+                "its KV cache. Exhaust or close() that iterator before starting another generation on the model"
+            )
+        self.lock.acquire()
+        self.owner = threading.get_ident()
+
+    def release(self) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+# The locks live here, keyed weakly by decoder, and not on the module: a threading.Lock attribute would make the
+# model fail copy.deepcopy and pickling. A copy is a new key, with a lock (and a cache) of its own.
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, _ModelLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(decoder: torch.nn.Module) -> _ModelLock:
+    with _LOCKS_GUARD:  # two threads meeting a model for the first time must get the same lock
+        lock = _LOCKS.get(decoder)
+        if lock is None:
+            lock = _LOCKS[decoder] = _ModelLock()
+        return lock
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,13 +80,14 @@ def decode_step(
 class DecodeState:
     """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
 
-    Building one only checks and lays out the batch; ``prefill`` runs the model over the prompts, ``step`` feeds
-    one token per row, ``select(rows)`` keeps, repeats or reorders rows everywhere at once, and ``close`` frees
-    the cache (also on leaving a ``with`` block).
+    Building one checks and lays out the batch, then takes the model's lock; ``prefill`` runs the model over the
+    prompts, ``step`` feeds one token per row, ``select(rows)`` keeps, repeats or reorders rows everywhere at once,
+    and ``close`` frees the cache and the lock (also on leaving a ``with`` block).
 
     Args:
         model: the model; its decoder holds the KV cache while this state is open, so one state per model at a
-            time.
+            time: building a second one waits until the first is closed, or raises ``RuntimeError`` in the thread
+            that holds the first (waiting there could never end).
         input_ids: ``(B, T)`` left-padded prompts.
         attention_mask: ``(B, T)``, 1 on real tokens; ``None`` = no padding.
         max_new_tokens: the most tokens any row will generate (sizes the cache).
@@ -81,6 +131,10 @@ class DecodeState:
             counts = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.long, device=device)
             self.seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0  # (B, V)
         self.decode_mask = self.embeds = None
+        # Last, after every check that can fail: from here on only close() lets go of the model.
+        self.lock = _model_lock(self.decoder)
+        self.lock.acquire()
+        self.closed = False
 
     def prefill(self, images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompts (with their images) through the model; returns the next-token logits ``(B, V)``.
@@ -137,8 +191,14 @@ class DecodeState:
         )
 
     def close(self) -> None:
-        if self.use_cache:
-            self.decoder.clear_kv_cache()
+        if self.closed:  # a with block after an explicit close(), or a generator closed twice
+            return
+        self.closed = True
+        try:
+            if self.use_cache:
+                self.decoder.clear_kv_cache()
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> DecodeState:
         return self

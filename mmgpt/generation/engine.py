@@ -30,10 +30,13 @@ from mmgpt.models.mmgpt import MMGPT
 
 
 def resolve_generation_config(generation_config: GenerationConfig | None, **kwargs: Any) -> GenerationConfig:
-    """``generation_config`` (default: ``GenerationConfig()``) with ``kwargs`` applied, validated."""
-    config = (generation_config or GenerationConfig()).update(**kwargs)
-    config.validate()
-    return config
+    """``generation_config`` (default: ``GenerationConfig()``) with ``kwargs`` applied; building it validates it."""
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        # transformers' GenerationConfig has other fields, and its update() returns the unused keywords.
+        raise TypeError(
+            f"generation_config must be an mmgpt.GenerationConfig, got {type(generation_config).__name__}"
+        )
+    return (GenerationConfig() if generation_config is None else generation_config).update(**kwargs)
 
 
 @torch.inference_mode()
@@ -52,6 +55,9 @@ def stream_tokens(
         Per step, ``(rows, tokens)``: the output rows (of ``B * num_return_sequences``, grouped per prompt)
         still running, and the token each appended. A row that emits an eos token or completes a stop string
         yields that token last.
+
+    From the first step until the iterator is exhausted, closed or raises, it holds the model (see ``generate``):
+    close an iterator you do not finish.
     """
     image_embeds, config, generator, tokenizer = _call_options(**kwargs)
     if config.num_beams > 1:
@@ -141,7 +147,9 @@ def generate(
     """Generate continuations for a left-padded batch.
 
     Args:
-        model: the model (put it in eval mode first). One generation at a time: the KV cache lives in it.
+        model: the model (put it in eval mode first). Its decoder holds the KV cache, so generations on one model
+            take turns: a call from another thread waits for the running one (and returns what it would return
+            alone); a call from a thread that holds an unfinished ``stream_tokens`` on it raises ``RuntimeError``.
         input_ids: ``(B, T)`` prompts, left-padded.
         attention_mask: ``(B, T)``, 1 on real tokens, 0 on padding; ``None`` = no padding.
         images: ``(N, 3, H, W)`` for the ``<image>`` placeholders, in order; or ``image_embeds``

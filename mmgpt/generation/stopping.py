@@ -15,13 +15,11 @@ def cut_at_stop_string(text: str, stop_strings: Sequence[str] | None) -> tuple[s
 
 
 class StopStrings:
-    """Tells whether a row's newest token completed a stop string."""
+    """Tells whether a row's newest token completed a stop string (``GenerationConfig`` checked the strings)."""
 
     def __init__(self, stop_strings: Sequence[str], tokenizer: PreTrainedTokenizerBase | None) -> None:
         if tokenizer is None:
             raise ValueError("stop_strings need the tokenizer to read the generated text: pass tokenizer=...")
-        if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
-            raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
         self.strings, self.tokenizer = list(stop_strings), tokenizer
         # Only the tail is decoded: a token is at least one byte, so the last `window` tokens hold any stop
         # string that ends in the newest one, plus a character cut at the window's start.

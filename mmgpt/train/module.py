@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from mmgpt.checkpoint import add_to_lightning_checkpoint, load_weights, tokenizer_from_lightning_checkpoint
+from mmgpt.checkpoint import add_to_lightning_checkpoint, load_weights, local_path, tokenizer_from_lightning_checkpoint
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig, config_from_dict
 from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
@@ -61,8 +61,9 @@ class MMGPTModule(L.LightningModule):
         compile: ``torch.compile`` the model's forward for training steps (graphs with dynamic shapes, so packed
             batches of any size reuse them); validation, generation and export run the plain model. Pays a one-time
             compile (tens of seconds on a CPU) for faster steps: 1.2x on the quickstart's CPU run.
-        init_from: start from the weights of a trained model (a ``.ckpt`` or an exported directory), as a second
-            training stage starts from the first; unlike ``ckpt_path`` it does not resume the optimizer or step.
+        init_from: start from the weights of a trained model (a local ``.ckpt`` or exported directory; read without
+            running code, and refused if a weight is NaN or inf), as a second training stage starts from the first;
+            unlike ``ckpt_path`` it does not resume the optimizer or step.
         lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
             weights when the model is loaded for inference or exported.
         loss_weighting: ``"token"`` (the default, as LLaVA and HF): the training loss is the mean over every
@@ -134,6 +135,7 @@ class MMGPTModule(L.LightningModule):
         self._train_forward = torch.compile(self.model.forward, dynamic=True) if compile else None
         self.val_loss = MeanMetric()
         self._validations = 0
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, until checked
 
     # Exposed for the CLI, which links them into the datamodule so images are processed as this model expects.
     @property
@@ -199,7 +201,56 @@ class MMGPTModule(L.LightningModule):
         # The same global-batch mean on every rank, so the logged value needs no further sync.
         self.log("train/loss", global_total / global_units, prog_bar=True, batch_size=bs)
         self.log(f"train/{per}s", global_units, reduce_fx="sum", batch_size=bs)
+        # Samples the collator dropped as unreadable (data.on_bad_sample: skip): summed over the epoch and the ranks
+        # (one all-reduce at the epoch's end), so the run's metrics count every one, not only those of logged steps.
+        self.log(
+            "train/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", on_step=False, on_epoch=True,
+            sync_dist=True, batch_size=bs,
+        )
+        # Checked for NaN/inf with the gradients, before the optimizer step (on_before_optimizer_step).
+        self._step_losses.append(global_total.detach() / global_units)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Stop at the first non-finite loss or gradient, before the optimizer step writes it into the weights:
+        # a diverged run otherwise trains on for hours and saves NaN checkpoints that load and export as a model.
+        # One host sync per step for the loss(es) of the accumulated micro-batches and the gradient norm together.
+        # Under fp16's GradScaler an inf gradient is routine (the scaler skips that step and lowers its scale), so
+        # only the loss is checked there.
+        losses, self._step_losses = self._step_losses, []
+        checks = list(losses)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads and not scaled else None
+        if grad_norm is not None:
+            checks.append(grad_norm)
+        if not checks:
+            return
+        bad = (~torch.isfinite(torch.stack(checks))).any().float()
+        # Every rank must stop together (or the others hang in the next all-reduce). The loss is the global batch's
+        # on every rank already, but a gradient shard (FSDP) is not: agree on the sum of the ranks' verdicts.
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item():
+            raise FloatingPointError(self._nonfinite_message(losses, grad_norm))
+
+    def _nonfinite_message(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> str:
+        loss_values = [float(x) for x in losses]
+        bad_loss = not all(math.isfinite(x) for x in loss_values)
+        values = f"train/loss={', '.join(f'{x:.4g}' for x in loss_values)}"
+        if grad_norm is not None:
+            values += f", gradient norm={float(grad_norm):.4g}"
+        # The rate each component trained at (its groups "decoder" and "decoder_no_decay" share one).
+        rates: dict[str, float] = {}
+        for group in self.trainer.optimizers[0].param_groups:
+            rates.setdefault(group.get("name", "params").removesuffix("_no_decay"), group["lr"])
+        lrs = ", ".join(f"{name} {lr:.3g}" for name, lr in rates.items())
+        return (
+            f"training stopped at step {self.trainer.global_step}: the {'loss' if bad_loss else 'gradient'} is not "
+            f"finite ({values}; learning rate: {lrs}). This step's update was not applied and no checkpoint of it is "
+            f"written. Lower model.lr (or the component's *_lr), set trainer.gradient_clip_val, or check this "
+            f"batch's data"
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n_tokens = self.loss(batch)
@@ -284,6 +335,18 @@ class MMGPTModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool = True, **kwargs):
+        """Lightning's, for a local file only and with ``weights_only=True``: loading a checkpoint never runs code
+        from it (Lightning's default unpickles whatever a URL serves)."""
+        if weights_only is not True:
+            raise ValueError("weights_only must be True: an mmgpt checkpoint is plain data, loaded without pickle code")
+        path = checkpoint_path if hasattr(checkpoint_path, "read") else local_path(checkpoint_path, "checkpoint_path")
+        return super().load_from_checkpoint(
+            path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True, **kwargs
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint carries the full model config and the tokenizer, so mmgpt.load(ckpt) needs nothing else.

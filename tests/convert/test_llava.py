@@ -354,7 +354,8 @@ def test_cli_import_then_export(tmp_path, tokenizer):
     ids[ids == IMAGE_ID] = image_id
     theirs = hf_logits(load_hf(path), ids, pixels)
     torch.testing.assert_close(our_logits(pipeline.model, ids, pixels), theirs, atol=1e-4, rtol=1e-4)
-    assert isinstance(pipeline.generate(pixels[0], "What is this?", max_new_tokens=3), str)
+    picture = torch.rand(3, IMG, IMG, generator=torch.Generator().manual_seed(3))  # raw pixels, as users pass them
+    assert isinstance(pipeline.generate(picture, "What is this?", max_new_tokens=3), str)
     main(["export", str(tmp_path / "mm"), str(tmp_path / "back")])
     torch.testing.assert_close(hf_logits(load_hf(tmp_path / "back"), ids, pixels), theirs, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "back" / "tokenizer.json").is_file()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgpt.data import CocoCaptions, Mixture, Sample, ShapesDataset, TextFile, VQAJsonl
+from mmgpt.data import CocoCaptions, Conversations, Mixture, Sample, ShapesDataset, TextFile, VQAJsonl
 from mmgpt.data.sources import TEXT_PROMPT
 from mmgpt.prompts import CAPTION_PROMPT
 
@@ -64,7 +64,7 @@ def test_coco_errors(tmp_path):
         )
     )
     ds = CocoCaptions(bad, tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"gone\.png \(sample coco/3/0\)"):
+    with pytest.raises(FileNotFoundError, match=r"gone\.png \(sample coco/3/0, .*bad\.json image id 3\)"):
         ds[0]
 
 
@@ -175,6 +175,100 @@ def test_text_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Bad data files: each error names the file and the line (or the id) where it went wrong
+
+VQA_LINE = '{"image": "x.png", "question": "q", "answer": "y"}'
+CHAT_RECORD = '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "%s"}]}'
+COCO_IMAGES = '{"images": [{"id": 1, "file_name": "a.png"}],\n'
+
+
+def coco(annotations: str) -> str:
+    return COCO_IMAGES + ' "annotations": [\n' + annotations + "\n]}"
+
+
+# (name, file name, bytes, loader, regex the error must match). Latin-1 "é" (0xe9) is the usual non-UTF-8 byte.
+BAD_FILES = [
+    (
+        "vqa_jsonl_latin1",
+        "q.jsonl",
+        f"{VQA_LINE}\n{VQA_LINE}\n".encode() + b'{"image": "x.png", "question": "caf\xe9?", "answer": "y"}\n',
+        VQAJsonl,
+        r"q\.jsonl line 3 column 36: not UTF-8 \(byte 0xe9\)",
+    ),
+    (
+        "coco_json_latin1",
+        "captions.json",
+        coco('{"image_id": 1, "caption": "ok"},\n{"image_id": 1, "caption": "caf\xe9"}').encode("latin-1"),
+        lambda path: CocoCaptions(path, path.parent),
+        r"captions\.json line 4 column 32: not UTF-8 \(byte 0xe9\)",
+    ),
+    (
+        "conversations_json_latin1",
+        "chat.json",
+        ("[\n" + CHAT_RECORD % "ok" + ",\n" + CHAT_RECORD % "s\xfcr" + "\n]").encode("latin-1"),
+        Conversations,
+        r"chat\.json line 3 column \d+: not UTF-8 \(byte 0xfc\)",
+    ),
+    (
+        "conversations_jsonl_latin1",
+        "chat.jsonl",
+        (CHAT_RECORD % "ok" + "\n" + CHAT_RECORD % "s\xfcr").encode("latin-1"),
+        Conversations,
+        r"chat\.jsonl line 2 column \d+: not UTF-8",
+    ),
+    ("text_txt_latin1", "notes.txt", "first\ncaf\xe9\n".encode("latin-1"), TextFile, r"notes\.txt line 2 column 4"),
+    (
+        "text_jsonl_truncated_utf8",  # a multi-byte character cut in half, as a file split at a byte offset leaves
+        "t.jsonl",
+        '{"text": "ok"}\n{"text": "€"}'.encode()[:-3],
+        TextFile,
+        r"t\.jsonl line 2 column 11: not UTF-8 \(byte 0xe2\)",
+    ),
+    (
+        "coco_duplicate_image_id",
+        "captions.json",
+        b'{"images": [{"id": 5, "file_name": "a.png"}, {"id": 6, "file_name": "b.png"}, '
+        b'{"id": 5, "file_name": "c.png"}], "annotations": []}',
+        lambda path: CocoCaptions(path, path.parent),
+        r"captions\.json images\[2\]: duplicate image id 5 \(also images\[0\]\); each image must be listed once",
+    ),
+    (
+        "coco_duplicate_annotation_id",
+        "captions.json",
+        coco('{"id": 9, "image_id": 1, "caption": "a"},\n{"id": 9, "image_id": 1, "caption": "b"}').encode(),
+        lambda path: CocoCaptions(path, path.parent),
+        r"captions\.json annotations\[1\]: duplicate annotation id 9 \(also annotations\[0\]\)",
+    ),
+    (
+        "coco_string_image_ids_duplicate",  # ids need not be integers; a repeat is a repeat
+        "captions.json",
+        b'{"images": [{"id": "x", "file_name": "a.png"}, {"id": "x", "file_name": "a.png"}], "annotations": []}',
+        lambda path: CocoCaptions(path, path.parent),
+        r"images\[1\]: duplicate image id 'x' \(also images\[0\]\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, data, load, match", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_bad_data_files_name_file_and_line(tmp_path, name, data, load, match):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        load(path)
+
+
+def test_utf8_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    # Windows editors start UTF-8 files with a byte-order mark and end lines with \r\n: the same records.
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{VQA_LINE}\r\n\r\n{VQA_LINE}\r\n".encode())
+    ds = VQAJsonl(path)
+    assert [r["id"] for r in ds.records] == ["q/1", "q/3"] and ds.records[0]["question"] == "q"
+    path = tmp_path / "captions.json"
+    path.write_bytes(b"\xef\xbb\xbf" + coco('{"id": 1, "image_id": 1, "caption": "a"}').encode())
+    assert CocoCaptions(path, tmp_path).captions == {1: ["a"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Mixture
 
 
@@ -235,3 +329,36 @@ def test_mixture_validation(weights, match):
 def test_mixture_rejects_empty_source():
     with pytest.raises(ValueError, match="dataset 1 .* is empty"):
         Mixture([Numbers("a", 3), Numbers("b", 0)], [1, 1], length=10, seed=0)
+
+
+# Text fields that become user turns, checked when the file is read (so the error names file and line), not when a
+# batch is collated.
+@pytest.mark.parametrize("record,match", [
+    ({"image": "a.png", "question": "What is <image> here?", "answer": "x"}, r"q\.jsonl line 1: field 'question' "
+     r"holds <image>"),
+    ({"image": "a.png", "question": "What is \ud800?", "answer": "x"}, r"q\.jsonl line 1: field 'question' is not "
+     r"valid Unicode text"),
+    ({"image": "a.png", "question": "Why?", "answer": "\udfff"}, r"q\.jsonl line 1: field 'answer' is not valid"),
+])
+def test_vqa_text_fields_are_checked_where_they_are_read(tmp_path, record, match):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=match):
+        VQAJsonl(path, image_root=tmp_path)
+
+
+def test_image_marker_counts_only_in_human_turns(tmp_path):
+    # "<image>" in an answer is text, as the prompt encoder treats it; the image still goes to the human turn.
+    record = {"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat does the sign say?"},
+        {"from": "gpt", "value": "It says <image>."},
+    ]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([record]))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    sample = Conversations(path, image_root=tmp_path)[0]
+    assert sample.messages[1]["content"] == "It says <image>."
+    bad = {**record, "conversations": [{"from": "human", "value": "What is \ud800?"}, record["conversations"][1]]}
+    path.write_text(json.dumps([bad]))
+    with pytest.raises(ValueError, match=r"c\.json \[0\] conversations\[0\]: field 'value' is not valid Unicode"):
+        Conversations(path, image_root=tmp_path)
