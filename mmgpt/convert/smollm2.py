@@ -15,6 +15,9 @@ can hold an image placeholder. Every generation feature (sampling, beam search, 
     ids = tokenizer(chat_prompt(tokenizer, "What is the capital of France?"), return_tensors="pt").input_ids
     out = generate(model, ids, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id, compile=True)
     print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+On a CPU without AVX-512, or with ``MMGPT_INT8_KERNEL=0`` in the environment, the int8 matmuls are torch's instead of
+mmgpt's kernel (``mmgpt.generation.quantize``), in the compiled step too.
 """
 
 from __future__ import annotations

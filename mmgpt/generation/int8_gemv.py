@@ -14,20 +14,30 @@ kernel streams int8 at 11-14 GB/s (``benchmarks/README.md``):
   each weight block while it is in L1, so a few rows cost little more than one.
 
 It is C with AVX-512 intrinsics, compiled once with the system C compiler (the same one ``torch.compile`` needs on
-CPU) into ``~/.cache/mmgpt/kernels`` and called through ``ctypes`` from a ``torch.library`` custom op, so it runs
-inside a compiled decode step too. Where it cannot be built (no compiler, no AVX-512, not x86-64)
+CPU) into ``~/.cache/mmgpt/kernels`` (``$MMGPT_CACHE/kernels``) and called through ``ctypes`` from a
+``torch.library`` custom op, so it runs inside a compiled decode step too. Loading a library runs its code, so the
+cache is checked first: the directory must be the user's alone (it is made 0700; one owned by another user or
+writable by group or others is refused, with a warning), links are not followed, and a library is loaded only if its
+bytes hash to the sha256 recorded beside it at build time; otherwise it is rebuilt (under a lock, written atomically).
+Where it cannot be built (no compiler, no AVX-512, not x86-64), or with ``MMGPT_INT8_KERNEL=0`` in the environment,
 ``int8_gemv_available()`` is False and callers use torch's kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
+import json
 import os
 import platform
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,32 +85,201 @@ void mmgpt_int8_gemv(const float* x, const int8_t* w, const float* scale, float*
 }
 """
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC"]
+# A library in this directory is code that this process runs, so the directory must be the user's alone (made 0700;
+# an existing one owned by another user, or writable by group or others, is refused), and a library is loaded only
+# if its bytes hash to the sha256 recorded beside it when it was built (`_load`).
 _CACHE = Path(os.environ.get("MMGPT_CACHE", Path.home() / ".cache" / "mmgpt")) / "kernels"
+# MMGPT_INT8_KERNEL=0 turns the kernel off: Int8Linear then uses torch's int8 kernel, the path of CPUs without
+# AVX-512 (to compare the two, or to try that path here). Unset or 1: the kernel wherever it can be built.
+KERNEL_SWITCH = "MMGPT_INT8_KERNEL"
 
 _lib: ctypes.CDLL | None = None
 _unavailable: str | None = None  # why the kernel cannot be used, once that is known
 
 
-def _build() -> ctypes.CDLL:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise RuntimeError(f"needs x86-64, this is {platform.machine()}")
+class UnsafeKernelCacheError(RuntimeError):
+    """The kernel cache directory is not the current user's alone, so no library in it can be trusted."""
+
+
+def _uid() -> int:
+    return os.geteuid()  # a function of its own so that tests can play another user
+
+
+def _not_private(st: os.stat_result) -> str | None:
+    """Why a file or directory with this ``stat`` is not to be trusted, or ``None``: another user owns it, or someone
+    besides its owner may write it."""
+    if st.st_uid != _uid():
+        return f"is owned by uid {st.st_uid}, not by the current user (uid {_uid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _open_cache(cache: Path) -> int:
+    """The cache directory (made 0700 if missing), checked and opened. Every later file operation is relative to
+    the descriptor, so a directory put at the path after this check is never used."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(cache, 0o700)
+    try:
+        # O_NOFOLLOW: a symbolic link at the path could lead to anyone's directory.
+        fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # Linux says ENOTDIR for a link there, not ELOOP: lstat tells
+        link = e.errno == errno.ELOOP or (os.path.lexists(cache) and stat.S_ISLNK(os.lstat(cache).st_mode))
+        kind = "a symbolic link (not followed)" if link else f"not a directory ({e.strerror})"
+        raise UnsafeKernelCacheError(
+            f"refusing the kernel cache {cache}: it is {kind}. Remove it, or set MMGPT_CACHE to a directory of your own"
+        ) from e
+    problem = _not_private(os.fstat(fd))
+    if problem is not None:
+        os.close(fd)
+        raise UnsafeKernelCacheError(
+            f"refusing the kernel cache {cache}: it {problem}, so a library in it may not be the one mmgpt built. "
+            f"Make it yours alone (chmod 700 {cache}) or remove it, or set MMGPT_CACHE to a directory of your own"
+        )
+    return fd
+
+
+def _open_trusted(dir_fd: int, name: str) -> tuple[int | None, str | None]:
+    """``name`` in the cache opened for reading if it is a regular file of the current user's that only they may
+    write; else ``(None, why)``, ``why`` ``None`` when there is no such file."""
+    try:
+        # O_NOFOLLOW: a link is never followed. O_NONBLOCK: a FIFO planted there cannot block the open.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, "is a symbolic link (not followed)" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+    st = os.fstat(fd)
+    problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _not_private(st)
+    if problem is not None:
+        os.close(fd)
+        return None, problem
+    return fd, None
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _dlopen(path: str) -> ctypes.CDLL:
+    return ctypes.CDLL(path)  # a function of its own so that tests can see what is loaded
+
+
+def _load_verified(dir_fd: int, cache: Path, stem: str, key: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """``stem.so`` loaded if its build record ``stem.json`` is for this source, compiler and flags (``key``) and its
+    bytes hash to the sha256 recorded there; else ``(None, why)``, ``why`` ``None`` when nothing was built yet."""
+    fd, why = _open_trusted(dir_fd, f"{stem}.json")
+    if fd is None:
+        return None, why and f"its build record {stem}.json {why}"
+    try:
+        raw = _read_all(fd)
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(raw)
+        if record["build_key"] != key:  # a 16-hex-digit prefix of another key: as good as impossible, but cheap
+            return None, f"its build record {stem}.json is for another source, compiler or flags"
+        expected = record["so_sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None, f"its build record {stem}.json is not one that mmgpt wrote"
+    fd, why = _open_trusted(dir_fd, f"{stem}.so")
+    if fd is None:
+        return None, why and f"the library {why}"
+    try:
+        if hashlib.sha256(_read_all(fd)).hexdigest() != expected:
+            return None, "its sha256 differs from the one recorded when it was built (the file changed on disk)"
+        # Loaded through the descriptor just hashed, so the bytes checked are the bytes mapped even if another file
+        # is renamed to the path meanwhile. Without /proc (macOS), by path: in a directory only this user can write.
+        # (glibc matches a name it has loaded before and returns that library: an earlier one, verified as well.)
+        proc = f"/proc/self/fd/{fd}"
+        return _dlopen(proc if os.path.exists(proc) else str(cache / f"{stem}.so")), None
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes) -> None:
+    """``data`` as ``name`` in the cache: written under a fresh temporary name, flushed to disk, then renamed over
+    ``name``, so that no reader ever sees it half-written (a rename replaces a link at ``name``, never follows it)."""
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)  # the rename itself survives a crash
+
+
+@contextlib.contextmanager
+def _build_lock(dir_fd: int, stem: str):
+    """One builder at a time, across processes; the kernel drops the lock if its holder dies."""
+    import fcntl  # POSIX only, like the rest of the build
+
+    fd = os.open(f"{stem}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(dir_fd: int, stem: str, key: str, cc: str) -> None:
+    # Compiled in a fresh private directory (mkdtemp: mode 0700, unguessable name), then copied into the cache.
+    with tempfile.TemporaryDirectory(prefix="mmgpt-kernel-") as tmp:
+        src, out = Path(tmp) / "int8_gemv.c", Path(tmp) / "int8_gemv.so"
+        src.write_text(_SOURCE)
+        done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build the kernel: {done.stderr.strip()[-500:]}")
+        library = out.read_bytes()
+    record = dict(build_key=key, so_sha256=hashlib.sha256(library).hexdigest(),
+                  source_sha256=hashlib.sha256(_SOURCE.encode()).hexdigest(), cc=cc, flags=_FLAGS)
+    # The library first, then its record: a reader that finds the new record finds the new library complete. One
+    # that comes in between sees the old record with the new library, a mismatch, and waits for the lock.
+    _write_atomic(dir_fd, f"{stem}.so", library)
+    _write_atomic(dir_fd, f"{stem}.json", json.dumps(record, indent=1).encode())
+
+
+def _load(cache: Path) -> ctypes.CDLL:
+    """The kernel from ``cache``, built there first if it is missing or fails its check."""
+    if os.name != "posix" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"needs x86-64 Linux or macOS, this is {platform.machine()} {platform.system()}")
     if "AVX512" not in torch.backends.cpu.get_cpu_capability():
         raise RuntimeError(f"needs AVX-512, this CPU offers {torch.backends.cpu.get_cpu_capability()}")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256("\n".join([_SOURCE, cc, *_FLAGS]).encode()).hexdigest()[:16]
-    lib_path = _CACHE / f"int8_gemv-{key}.so"
-    if not lib_path.is_file():
-        _CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=_CACHE) as tmp:
-            src, out = Path(tmp) / "int8_gemv.c", Path(tmp) / "int8_gemv.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed to build the kernel: {done.stderr.strip()[-500:]}")
-            out.replace(lib_path)  # atomic: a concurrent build never loads a half-written library
-    lib = ctypes.CDLL(str(lib_path))
+    key = hashlib.sha256("\n".join([_SOURCE, cc, *_FLAGS]).encode()).hexdigest()  # what the library is built from
+    stem = f"int8_gemv-{key[:16]}"
+    dir_fd = _open_cache(cache)
+    try:
+        lib, _ = _load_verified(dir_fd, cache, stem, key)
+        if lib is None:
+            with _build_lock(dir_fd, stem):
+                # Checked again under the lock: another process may have just built it, or been mid-build above.
+                lib, why = _load_verified(dir_fd, cache, stem, key)
+                if lib is None:
+                    if why is not None:
+                        warnings.warn(f"not loading the cached int8 kernel {cache / stem}.so: {why}; rebuilding it",
+                                      RuntimeWarning, stacklevel=2)
+                    _build(dir_fd, stem, key, cc)
+                    lib, why = _load_verified(dir_fd, cache, stem, key)
+                    if lib is None:
+                        raise RuntimeError(f"the int8 kernel just built in {cache} fails its own check: {why}")
+    finally:
+        os.close(dir_fd)
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.mmgpt_int8_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.mmgpt_int8_gemv.restype = None
@@ -108,13 +287,29 @@ def _build() -> ctypes.CDLL:
 
 
 def int8_gemv_available() -> bool:
-    """Whether the kernel is built and loadable here (built on first call; a failure is remembered)."""
+    """Whether the kernel is built and loadable here (built on first call; a failure is remembered).
+
+    ``MMGPT_INT8_KERNEL=0`` in the environment (read at the first call) turns it off, as on a CPU without AVX-512:
+    callers then use torch's int8 kernel. A kernel cache (``$MMGPT_CACHE/kernels``, default
+    ``~/.cache/mmgpt/kernels``) that is not the user's alone is refused with a warning that says what to fix.
+    """
     global _lib, _unavailable
     if _lib is None and _unavailable is None:
-        try:
-            _lib = _build()
-        except (OSError, RuntimeError) as e:
-            _unavailable = str(e)
+        switch = os.environ.get(KERNEL_SWITCH) or "1"
+        if switch not in ("0", "1"):
+            raise ValueError(f"{KERNEL_SWITCH}={switch!r} in the environment: expected 0 (use torch's int8 kernel) or "
+                             "1 (the default: this kernel wherever it can be built)")
+        if switch == "0":
+            _unavailable = f"turned off by {KERNEL_SWITCH}=0"
+        else:
+            try:
+                _lib = _load(_CACHE)
+            except UnsafeKernelCacheError as e:
+                # Unlike a missing compiler, a state to fix: say so rather than only running slower.
+                _unavailable = str(e)
+                warnings.warn(f"the int8 kernel is not used: {e}", RuntimeWarning, stacklevel=2)
+            except (OSError, RuntimeError) as e:
+                _unavailable = str(e)
     return _lib is not None
 
 

@@ -13,8 +13,11 @@ expects. Training an int8 decoder is not supported (the weights are buffers, not
 
 Which matmul runs: a float32 decode step (at most ``GEMV_MAX_ROWS`` rows) uses ``mmgpt.generation.int8_gemv``, a
 kernel that streams int8 at memory speed; bfloat16/float16 activations, and float32 ones where that kernel cannot
-be built, use torch's ``aten._weight_int8pack_mm`` (about half as fast); a prefill (many rows) is compute-bound,
-and de-quantizes the weight and calls the float matmul.
+be built (no AVX-512, or ``MMGPT_INT8_KERNEL=0``), use torch's ``aten._weight_int8pack_mm`` (about half as fast);
+a prefill (many rows) is compute-bound, and de-quantizes the weight and calls the float matmul. In a
+``torch.compile``d step torch's kernel is called through ``mmgpt::weight_int8pack_mm``, an operator that Inductor
+calls as it is instead of lowering it (Inductor's lowering of ``_weight_int8pack_mm`` fails in torch 2.14: see that
+operator).
 """
 
 from __future__ import annotations
@@ -30,6 +33,31 @@ QUANTIZATION_MODES = ("int8",)
 # Up to this many rows (tokens x batch) go through the matrix-vector kernels; each row costs one pass of arithmetic
 # over the weights there, which beyond ~16 rows is slower than de-quantizing once and calling the float matmul.
 GEMV_MAX_ROWS = 16
+# torch's CPU int8 kernel (2.14.1) returns garbage, or crashes, unless the input width is a multiple of 16 on AVX-512
+# (of 8 on AVX2; measured for widths 1-100): other widths take the de-quantize path, exact and as cheap at such sizes.
+INT8PACK_K_MULTIPLE = 16
+
+# torch's int8 kernel as an operator that Inductor cannot see into, for compiled graphs. Inductor's own lowering of
+# aten._weight_int8pack_mm (torch 2.14.1) fails with "LoweringException: AssertionError: <class
+# 'torch._inductor.ir.Pointwise'>" when the scale is converted inside the graph (float32 to bfloat16 here), on AVX2
+# and AVX-512 alike. Called opaquely, the compiled step runs the very kernel the eager step runs (the same answers)
+# and Inductor still fuses the pointwise work around it. Measured on a 2-vCPU AMD EPYC with AVX2 forced, batch 1,
+# one thread: eager 44, this 51.5 tokens/s on SmolLM2 (3070 and 7600 on a 2-layer 64-wide decoder). Letting Inductor
+# lower the op from a bfloat16 copy of the scale kept as a buffer measured 54 and 9800: faster by the ~6 us this
+# operator's Python dispatch costs a call, but that copy must be kept in step with `scale` (load_state_dict, .to),
+# and the answers then equal eager's only while Inductor picks aten's kernel (max-autotune may pick its own GEMM).
+# De-quantize-and-matmul in the graph: 4.5 tokens/s on SmolLM2 (every weight de-quantized every step).
+_library = torch.library.Library("mmgpt", "FRAGMENT")
+_library.define("weight_int8pack_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
+_library.impl(
+    "weight_int8pack_mm", lambda x, weight, scale: torch.ops.aten._weight_int8pack_mm(x, weight, scale),
+    "CompositeExplicitAutograd",  # every device aten's kernel has (CPU, CUDA, MPS)
+)
+
+
+@torch.library.register_fake("mmgpt::weight_int8pack_mm", lib=_library)
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.size(0), weight.size(0))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +106,18 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, K)  # (M, K)
         if x2.size(0) <= GEMV_MAX_ROWS and x2.dtype == torch.float32 and x2.is_cpu and self.use_int8_gemv:
             y = torch.ops.mmgpt.int8_gemv(x2, self.qweight, self.scale)
-        elif x2.size(0) <= GEMV_MAX_ROWS:
+        elif x2.size(0) <= GEMV_MAX_ROWS and K % INT8PACK_K_MULTIPLE == 0:
             # torch's int8 kernel. Its float32 path is several times slower than its bfloat16 one, so float32
             # activations are rounded to bfloat16 for it (where the int8 kernel above cannot be built).
             dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(dtype), self.qweight, self.scale.to(dtype)).to(x2.dtype)
+            # Eager, aten's op directly: the custom op's dispatch would add ~6 us a call, ~120 calls a token.
+            mm = torch.ops.aten._weight_int8pack_mm
+            if torch.compiler.is_compiling():
+                mm = torch.ops.mmgpt.weight_int8pack_mm
+            y = mm(x2.to(dtype), self.qweight, self.scale.to(dtype)).to(x2.dtype)
         else:
-            # Many rows: compute-bound, so one de-quantization is cheap next to the matmul it feeds.
+            # Many rows: compute-bound, so one de-quantization is cheap next to the matmul it feeds. (Or a width
+            # torch's int8 kernel gets wrong: INT8PACK_K_MULTIPLE.)
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
         return y.view(*lead, self.out_features)
 
