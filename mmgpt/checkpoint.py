@@ -173,7 +173,8 @@ def load_weights(model: MMGPT, path: str | Path) -> None:
     try:
         source, _ = load_checkpoint(path)
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"init_from: {e}") from e
+        # Not type(e)(...): subclasses (UnicodeDecodeError, JSONDecodeError) take other constructor arguments.
+        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"init_from: {e}") from e
     try:
         model.load_state_dict(source.state_dict())
     except RuntimeError as e:

@@ -219,3 +219,40 @@ def test_error_names_the_first_tensors_and_counts_the_rest():
     assert nonfinite_tensors(state) == [f"w{i}" for i in range(10)]
     with pytest.raises(ValueError, match=r"10 of 12 weight tensors .*\(w0, w1, .*, w7 and 2 more\)"):
         check_finite(state, "here")
+
+
+@pytest.mark.parametrize("where", ["local", "file", "http"])
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_trainer_used_directly_reads_ckpt_path_as_data(evil, module, tmp_path, where, stage):
+    # Not through the CLI: MMGPTModule.setup puts SafeCheckpointIO in front of the strategy's reader.
+    import lightning as L
+    from conftest import tiny_data
+
+    _, marker, urls, requests = evil
+    m = module()
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=1, default_root_dir=tmp_path,
+    )
+    with pytest.raises(Exception) as error:  # noqa: PT011 - torch's UnpicklingError locally, ValueError for a URL
+        getattr(trainer, stage)(m, datamodule=tiny_data(m), ckpt_path=urls[where])
+    assert ("Weights only load failed" if where == "local" else "is a URL") in str(error.value)
+    assert not marker.exists() and not requests
+
+
+def test_resuming_refuses_a_non_finite_checkpoint(trained, module, tmp_path):
+    import lightning as L
+    from conftest import tiny_data
+
+    _, ckpt = trained
+    data = torch.load(ckpt, weights_only=True)
+    name = next(iter(data["state_dict"]))
+    data["state_dict"][name] = torch.full_like(data["state_dict"][name], float("nan"))
+    torch.save(data, tmp_path / "nan.ckpt")
+    m = module()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=rf"hold NaN or inf \({name}"):
+        trainer.fit(m, datamodule=tiny_data(m), ckpt_path=tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        MMGPTModule.load_from_checkpoint(tmp_path / "nan.ckpt")

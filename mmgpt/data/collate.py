@@ -58,10 +58,16 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id
 
     def _row(self, s: Sample) -> tuple[list[int], list[int]]:
-        ids, supervised, turns = encode_conversation(
-            self.tokenizer, s.conversation(with_answer=self.mode == "train"), self.image_seq_len,
-            add_generation_prompt=self.mode == "generate",
-        )
+        try:
+            ids, supervised, turns = encode_conversation(
+                self.tokenizer, s.conversation(with_answer=self.mode == "train"), self.image_seq_len,
+                add_generation_prompt=self.mode == "generate",
+            )
+        except (ValueError, TypeError) as e:
+            # Name the sample: a batch holds many, and the message alone does not say which one is bad.
+            if type(e) in (ValueError, TypeError):
+                raise type(e)(f"sample {s.id!r}: {e}") from e
+            raise  # a subclass may need other constructor arguments: re-raised as it is
         if self.mode == "generate":
             if len(ids) > self.max_length:
                 raise ValueError(

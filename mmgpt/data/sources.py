@@ -97,6 +97,12 @@ def _string(record: dict[str, Any], key: str, where: str, expected: str, prompt:
     return value
 
 
+def _check_id(value: Any, key: str, where: str) -> None:
+    """Refuse an id that is not an int or a string (a list or object cannot key a lookup; a bool or float is a typo)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{where}: field {key!r} must be an integer or a string, got {value!r}")
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """COCO-style captions: one sample per caption, every caption of its image as reference answers.
 
@@ -125,6 +131,7 @@ class CocoCaptions(torch.utils.data.Dataset):
             where = f"{self.annotations} images[{i}]"
             if not isinstance(image, dict) or "id" not in image:
                 raise ValueError(f"{where}: missing field 'id' (expected {{'id', 'file_name'}})")
+            _check_id(image["id"], "id", where)
             if image["id"] in listed_at:
                 # The later entry would silently replace the earlier one's file for every caption of that id.
                 raise ValueError(
@@ -140,7 +147,9 @@ class CocoCaptions(torch.utils.data.Dataset):
             where = f"{self.annotations} annotations[{i}]"
             if not isinstance(ann, dict) or "image_id" not in ann:
                 raise ValueError(f"{where}: missing field 'image_id' (expected {{'image_id', 'caption'}})")
+            _check_id(ann["image_id"], "image_id", where)
             if "id" in ann:
+                _check_id(ann["id"], "id", where)
                 # A repeated id is a file merged or written twice: its captions would count twice as references.
                 if ann["id"] in annotation_at:
                     raise ValueError(
@@ -198,14 +207,19 @@ class VQAJsonl(torch.utils.data.Dataset):
             question = _string(record, "question", where, self.EXPECTED, prompt=True)
             if "answers" in record:
                 answers = record["answers"]
-                if (
-                    not isinstance(answers, list)
-                    or not answers
-                    or not all(isinstance(a, str) for a in answers)
-                ):
+                if not isinstance(answers, list) or not answers:
                     raise ValueError(
                         f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}"
                     )
+                # Each answer is checked as 'answer' is, named by its index: a blank or broken one would otherwise
+                # become a target or a reference, or fail at collate time without its file and line.
+                for k, a in enumerate(answers):
+                    if not isinstance(a, str) or not a.strip():
+                        raise ValueError(f"{where}: field 'answers[{k}]' must be a non-empty string, got {a!r}")
+                    try:
+                        check_text(a, f"field 'answers[{k}]'")
+                    except ValueError as e:
+                        raise ValueError(f"{where}: {e}") from None
             elif "answer" in record:
                 answers = [_string(record, "answer", where, self.EXPECTED)]
             else:

@@ -173,6 +173,9 @@ class DecodeState:
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed token ``step`` (0-based, ``(b,)``) and return the next logits ``(b, V)``."""
+        # A stream may be resumed from another thread (a web server's worker pool): the lock's owner is the thread
+        # decoding now, so the thread that started it can run other generations, which then wait their turn.
+        self.lock.owner = threading.get_ident()
         if self.seen is not None:
             self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
         pos = self.T + step

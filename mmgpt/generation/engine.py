@@ -15,6 +15,7 @@ prefill a prompt once and copy its cache. ``compile=True`` runs the decode step 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -174,6 +175,8 @@ def generate(
     out = torch.full((B * config.num_return_sequences, config.max_new_tokens), pad, dtype=torch.long,
                      device=input_ids.device)
     steps = _stream(model, input_ids, attention_mask, images, image_embeds, config, generator, tokenizer)
-    for step, (rows, tokens) in enumerate(steps):
-        out[rows, step] = tokens
+    # Closed however the loop ends (an interrupt included), so the model's KV cache and lock are freed at once.
+    with contextlib.closing(steps):
+        for step, (rows, tokens) in enumerate(steps):
+            out[rows, step] = tokens
     return out

@@ -4,9 +4,11 @@ Every input is either converted to the picture a viewer would show or refused wi
 a model fed clipped, all-white or NaN pixels answers confidently about a picture nobody sees. The rules:
 
 - PIL images: 8-bit modes (RGB, L, P, 1, CMYK, ...) convert as PIL does. 16-bit ``I;16*`` images are scaled by
-  their full range (65535 -> 255); ``I`` (32-bit) images are read as 16-bit, the range PIL gives 16-bit files, and
-  refused outside [0, 65535]. Float ``F`` images must hold values in [0, 1]. Transparency (RGBA, LA, PA, or a
-  palette or colour marked transparent) is composited on white, as a browser shows a transparent PNG on a page.
+  their full range (65535 -> 255). ``I`` (32-bit) images holding only 0..255 are 8-bit pixels (as integer tensors
+  are; ``img.convert("I")`` gives those); otherwise they are read as 16-bit, the range PIL gives 16-bit files, and
+  refused outside [0, 65535]. Float ``F`` images must hold values in [0, 1], with the same small overshoot (clamped)
+  as float tensors. Transparency (RGBA, LA, PA, or a palette or colour marked transparent) is composited on white,
+  as a browser shows a transparent PNG on a page.
 - Tensors ``(3, H, W)``: uint8 is 0..255; float must lie in [0, 1] (0..255 floats are refused, not guessed);
   other integer dtypes are 0..255 like uint8 and refused outside it; ``(1, H, W)`` is grayscale, ``(4, H, W)``
   RGBA (composited on white). Bool, complex, NaN or infinite pixels, batches and other shapes are refused.
@@ -144,9 +146,13 @@ def _sixteen_bit(image: Image.Image, where: str) -> np.ndarray:
     if lo < 0 or hi > 65535:
         raise BadImageError(
             f"{where}: a 32-bit integer (PIL mode {image.mode!r}) image with values in [{lo}, {hi}]; "
-            f"mmgpt reads integer images as 16-bit, 0..65535 (how PIL opens 16-bit PNG and TIFF files). "
-            f"Convert it to 8-bit yourself"
+            f"mmgpt reads integer images as 8-bit (0..255) or 16-bit (0..65535, how PIL opens 16-bit PNG and TIFF "
+            f"files). Convert it to 8-bit yourself"
         )
+    if image.mode == "I" and hi <= 255:
+        # 8-bit pixels widened to 32 bits (Image.fromarray of an int array, img.convert("I")): read as the
+        # 0..255 they are, as integer tensors are, not as a near-black 16-bit image.
+        return values.astype(np.uint8)
     # The full 16-bit range onto 8 bits: 65535 / 257 = 255 exactly, and v / 257 is never halfway between integers.
     return np.rint(values / 257.0).astype(np.uint8)
 
@@ -155,12 +161,13 @@ def _unit_float(image: Image.Image, where: str) -> np.ndarray:
     values = np.array(image, dtype=np.float32)  # (H, W), a writable copy for torch
     _check_finite(torch.from_numpy(values), where)
     lo, hi = float(values.min()), float(values.max())
-    if lo < 0 or hi > 1:
+    # The same tolerance as float tensors: a resize's overshoot is clamped, 0..255 or normalized values refused.
+    if lo < -_FLOAT_OVERSHOOT or hi > 1 + _FLOAT_OVERSHOOT:
         raise BadImageError(
-            f"{where}: a float (PIL mode 'F') image with values in [{lo:g}, {hi:g}]; expected [0, 1] "
+            f"{where}: a float (PIL mode 'F') image with values in [{lo:.6g}, {hi:.6g}]; expected [0, 1] "
             f"(0 black, 1 white). Scale it first, e.g. divide 0..255 values by 255"
         )
-    return np.rint(values * 255.0).astype(np.uint8)
+    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _gray(values: np.ndarray) -> Image.Image:
@@ -214,7 +221,7 @@ def tensor_pixels(image: torch.Tensor) -> torch.Tensor:
             # 0..255 in a float tensor would otherwise be read as almost all white: guessing the scale from the
             # values would be wrong for a dark 0..255 image, so the caller says which it is.
             raise BadImageError(
-                f"a float image tensor must hold values in [0, 1], got [{lo:g}, {hi:g}]: pass 0..255 pixels as "
+                f"a float image tensor must hold values in [0, 1], got [{lo:.6g}, {hi:.6g}]: pass 0..255 pixels as "
                 f"uint8 or divide them by 255 (and pass the raw image, not one normalized already)"
             )
         # A bicubic resize in the caller's own code overshoots sharp edges a little; PIL's uint8 output clamps it.

@@ -14,13 +14,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from mmgpt.checkpoint import add_to_lightning_checkpoint, load_weights, local_path, tokenizer_from_lightning_checkpoint
+from mmgpt.checkpoint import (
+    add_to_lightning_checkpoint,
+    check_finite,
+    load_weights,
+    local_path,
+    tokenizer_from_lightning_checkpoint,
+)
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig, config_from_dict
 from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
 from mmgpt.models.lora import LoRAConfig, apply_lora
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from mmgpt.train.checkpoint_io import SafeCheckpointIO
 from mmgpt.train.loss import LOSS_WEIGHTINGS, next_token_targets, summed_next_token_loss
 from mmgpt.train.precision import slow_cpu_precision_warning
 
@@ -150,6 +157,10 @@ class MMGPTModule(L.LightningModule):
         return self.model(input_ids, images, **kwargs)
 
     def setup(self, stage: str) -> None:
+        # Runs before the Trainer restores a ckpt_path: from here on it reads local files as plain data only.
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
+            strategy.checkpoint_io = SafeCheckpointIO(strategy.checkpoint_io)
         # A bf16 setting tuned on one CPU can be tens of times slower on another: say so before the first step.
         if self.trainer.strategy.root_device.type == "cpu":
             if message := slow_cpu_precision_warning(self.trainer.precision):
@@ -353,5 +364,8 @@ class MMGPTModule(L.LightningModule):
         add_to_lightning_checkpoint(checkpoint, self.model, self.tokenizer, self.hparams.lora)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Every Lightning load passes here before the weights are copied: resuming, validate/test/predict with a
+        # ckpt_path, load_from_checkpoint.
+        check_finite(checkpoint.get("state_dict", {}), "the checkpoint being loaded")
         if (tokenizer := tokenizer_from_lightning_checkpoint(checkpoint)) is not None:
             self.tokenizer = tokenizer

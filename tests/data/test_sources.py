@@ -68,6 +68,61 @@ def test_coco_errors(tmp_path):
         ds[0]
 
 
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (
+            {"images": [{"id": [1], "file_name": "a.png"}], "annotations": []},
+            r"bad\.json images\[0\]: field 'id' must be an integer or a string, got \[1\]",
+        ),
+        (
+            {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": {"a": 1}, "caption": "x"}]},
+            r"bad\.json annotations\[0\]: field 'image_id' must be an integer or a string, got \{'a': 1\}",
+        ),
+        (
+            {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": [7], "image_id": 1, "caption": "x"}]},
+            r"bad\.json annotations\[0\]: field 'id' must be an integer or a string, got \[7\]",
+        ),
+    ],
+)
+def test_coco_unhashable_ids_are_refused_by_place(tmp_path, data, match):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        CocoCaptions(bad, tmp_path)
+
+
+def test_coco_string_ids_still_work(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "images": [{"id": "im1", "file_name": "a.png"}],
+        "annotations": [{"id": "c1", "image_id": "im1", "caption": "x"}],
+    }))
+    assert CocoCaptions(path, tmp_path)[0].id == "coco/im1/0"
+
+
+def test_collator_names_the_sample_with_a_bad_prompt(tokenizer):
+    # A Sample built by hand (not read from a file) with "<image>" in its prompt: the collator's error names it.
+    from mmgpt.data.collate import Collator
+    from mmgpt.models.image_processor import ImageProcessor
+
+    good = Sample("What is it?", "a box", Image.new("RGB", (8, 8)), "vqa", "ok/1")
+    bad = Sample("What is <image> here?", "a box", Image.new("RGB", (8, 8)), "vqa", "bad/7")
+    for mode in ("train", "generate"):
+        collate = Collator(tokenizer, ImageProcessor(img_size=8), image_seq_len=2, max_length=64, mode=mode)
+        collate([good])
+        with pytest.raises(ValueError, match=r"^sample 'bad/7': .*<image>") as info:
+            collate([good, bad])
+        assert type(info.value) is ValueError and info.value.__cause__ is not None
+    broken = Sample("Why?", "\udfff", None, "text", "bad/8")
+    with pytest.raises(ValueError, match=r"^sample 'bad/8': .*not valid Unicode"):
+        Collator(tokenizer, ImageProcessor(img_size=8), image_seq_len=2)([broken])
+    not_text = Sample(3, "x", None, "text", "bad/9")
+    with pytest.raises(TypeError, match=r"^sample 'bad/9': "):
+        Collator(tokenizer, ImageProcessor(img_size=8), image_seq_len=2)([not_text])
+
+
 def test_vqa_jsonl(tmp_path):
     (tmp_path / "images").mkdir()
     save_image(tmp_path / "images" / "x.png", mode="RGBA")
@@ -113,6 +168,26 @@ def test_vqa_jsonl(tmp_path):
         (
             '{"image": "x.png", "question": "q", "answers": []}',
             r"line 2: field 'answers' must be a non-empty",
+        ),
+        (
+            json.dumps({"image": "x.png", "question": "q", "answers": ["y", "\ud800"]}),
+            r"vqa\.jsonl line 2: field 'answers\[1\]' is not valid Unicode text",
+        ),
+        (
+            json.dumps({"image": "x.png", "question": "q", "answers": ["", " "]}),
+            r"vqa\.jsonl line 2: field 'answers\[0\]' must be a non-empty string, got ''",
+        ),
+        (
+            json.dumps({"image": "x.png", "question": "q", "answers": ["y", " \n"]}),
+            r"vqa\.jsonl line 2: field 'answers\[1\]' must be a non-empty string",
+        ),
+        (
+            json.dumps({"image": "x.png", "question": "q", "answers": ["y", 3]}),
+            r"vqa\.jsonl line 2: field 'answers\[1\]' must be a non-empty string, got 3",
+        ),
+        (
+            json.dumps({"image": "x.png", "question": "q", "answers": "y"}),
+            r"line 2: field 'answers' must be a non-empty list of strings",
         ),
         (
             '{"image": "x.png", "question": "q", "answer": 3}',

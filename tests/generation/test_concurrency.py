@@ -119,3 +119,16 @@ def test_the_model_still_copies_and_pickles(lively, pipeline):
     first = next(stream)
     assert twin.generate(None, "Hi", max_new_tokens=8) == expected
     assert first + "".join(stream) == expected
+
+
+def test_a_stream_resumed_in_another_thread_lets_its_first_thread_wait_its_turn(lively, pipeline):
+    # A web server's worker pool runs each next() of a streamed response on whichever worker is free.
+    expected = pipeline.generate(None, "What is one plus one?", max_new_tokens=4)
+    whole = "".join(pipeline.stream(None, "Hi", max_new_tokens=16))
+    stream = pipeline.stream(None, "Hi", max_new_tokens=16)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        pieces = [a.submit(next, stream).result(), b.submit(next, stream).result()]
+        waiting = a.submit(pipeline.generate, None, "What is one plus one?", max_new_tokens=4)  # must not raise
+        pieces += b.submit(list, stream).result()
+        assert waiting.result(timeout=60) == expected
+    assert "".join(pieces) == whole

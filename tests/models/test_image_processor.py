@@ -110,6 +110,15 @@ CONVERTED = [
         lambda tmp_path: rgba_sideways(tmp_path / "side.png"),
         np.rot90(over_white(RGB8, ALPHA), k=-1),  # turned clockwise as a viewer shows it, then composited
     ),
+    # 8-bit pixels in a 32-bit integer image (Image.fromarray of an int array, convert("I")) stay 8-bit.
+    ("int_image_8bit_values", lambda _: Image.fromarray(RGB8[..., 2].astype(np.int32), "I"), gray3(RGB8[..., 2])),
+    ("pil_gray_converted_to_I", lambda _: Image.fromarray(RGB8[..., 0], "L").convert("I"), gray3(RGB8[..., 0])),
+    # Float images get the same overshoot tolerance as float tensors, clamped.
+    (
+        "float_image_resample_overshoot",
+        lambda _: Image.fromarray(UNIT * 1.08 - 0.04, "F"),
+        gray3(np.rint(np.clip(UNIT * 1.08 - 0.04, 0, 1) * 255).astype(np.uint8)),
+    ),
     # Ordinary 8-bit modes are untouched: exactly PIL's own conversion.
     ("png_gray_8bit", saved(RGB8[..., 1], "L", "l.png"), gray3(RGB8[..., 1])),
     ("png_rgb_8bit", saved(RGB8, "RGB", "rgb.png"), RGB8),
@@ -130,6 +139,34 @@ def test_converted_images_go_through_the_processor_unchanged():
     torch.testing.assert_close(PLAIN(Image.fromarray(GRAY16)), expected, atol=0, rtol=0)
     as_float = Image.fromarray((np.rint(GRAY16 / 257) / 255).astype(np.float32), "F")
     torch.testing.assert_close(PLAIN(as_float), expected, atol=0, rtol=0)
+
+
+# A 32-bit integer ("I") image: 0..255 is 8-bit pixels, as integer tensors read; 256..65535 is 16-bit (/ 257).
+@pytest.mark.parametrize(
+    "value, expected",
+    [(0, 0), (1, 1), (200, 200), (255, 255), (256, 1), (40000, round(40000 / 257)), (65535, 255)],
+)
+def test_int_image_is_8bit_up_to_255_and_16bit_beyond(value, expected):
+    image = Image.fromarray(np.full((S, S), value, np.int32), "I")
+    np.testing.assert_array_equal(pixels(image), np.full((S, S, 3), expected, np.uint8))
+
+
+def test_int_image_with_one_value_over_255_is_read_as_16bit_throughout():
+    values = np.full((S, S), 200, np.int32)
+    values[0, 0] = 40000
+    expected = np.rint(values / 257).astype(np.uint8)  # 200 -> 1: the image is 16-bit, every pixel with it
+    np.testing.assert_array_equal(pixels(Image.fromarray(values, "I")), gray3(expected))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(1.0000001, 255), (1.04, 255), (-0.03, 0), (-0.0, 0), (0.5, 128), (1.0, 255)],
+)
+def test_float_image_takes_the_float_tensor_tolerance(value, expected):
+    image = Image.fromarray(np.full((S, S), value, np.float32), "F")
+    np.testing.assert_array_equal(pixels(image), np.full((S, S, 3), expected, np.uint8))
+    # The same value as a float tensor is accepted too (and clamped the same way).
+    torch.testing.assert_close(PLAIN(torch.full((1, S, S), value)), torch.full((3, S, S), min(max(value, 0.0), 1.0)))
 
 
 def huge_png(side):
@@ -212,6 +249,24 @@ REFUSED = [
         float_tiff([[0.0, 128.0], [255.0, 3.0]], "f255.tiff"),
         BadImageError,
         r"image .*f255\.tiff: a float \(PIL mode 'F'\) image with values in \[0, 255\]; expected \[0, 1\]",
+    ),
+    (
+        "float_tiff_just_past_overshoot",
+        float_tiff([[0.5, 1.06]], "f106.tiff"),
+        BadImageError,
+        r"image .*f106\.tiff: a float \(PIL mode 'F'\) image with values in \[0\.5, 1\.06\]",
+    ),
+    (
+        "float_image_values_printed_with_digits",
+        in_memory(Image.fromarray(np.array([[-0.0512345, 0.5]], np.float32), "F")),
+        BadImageError,
+        r"values in \[-0\.0512345, 0\.5\]",
+    ),
+    (
+        "int_image_over_16bit",
+        in_memory(Image.fromarray(np.array([[0, 70000]], np.int32), "I")),
+        BadImageError,
+        r"PIL mode 'I'\) image with values in \[0, 70000\]",
     ),
     (
         "int_image_negative",
