@@ -7,14 +7,14 @@ Images are opened lazily in ``__getitem__``, so building a dataset only reads th
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import torch
 
@@ -27,19 +27,28 @@ from mmgpt.prompts import CAPTION_PROMPT, IMAGE, check_text
 TEXT_PROMPT = "Continue the text."
 
 
-def _read_text(path: Path) -> str:
-    """A file's text, which must be UTF-8 (JSON's only encoding); a bad byte is reported by line and column.
-
-    A leading byte-order mark (Windows editors write one) is dropped: it is no part of the data.
-    """
-    raw = path.read_bytes()
+@contextlib.contextmanager
+def _open_utf8(path: Path) -> Iterator[TextIO]:
+    """The file as UTF-8 text (JSON's only encoding), read as it is iterated; a bad byte is reported by line and
+    column. A leading byte-order mark (Windows editors write one) is dropped: it is no part of the data. Lines split
+    as a text-mode file splits them (\n, \r\n or \r); str.splitlines would also split at U+2028, which JSON allows
+    unescaped inside a string."""
     try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
+        with path.open(encoding="utf-8-sig", newline=None) as f:
+            yield f
     except UnicodeDecodeError as e:
-        lineno, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        # The streaming decoder's position is within its chunk: find the byte in the file (only on this error path).
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as whole:
+            at = whole.start
+        else:  # the file changed while it was read
+            raise ValueError(f"{path}: not UTF-8 ({e}); save the file as UTF-8") from e
+        lineno, line_start = raw.count(b"\n", 0, at) + 1, raw.rfind(b"\n", 0, at) + 1
         raise ValueError(  # the column counts bytes: the line cannot be decoded into characters
-            f"{path} line {lineno} column {e.start - line_start + 1}: not UTF-8 "
-            f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+            f"{path} line {lineno} column {at - line_start + 1}: not UTF-8 (byte 0x{raw[at]:02x}); save the file "
+            f"as UTF-8"
         ) from e
 
 
@@ -47,7 +56,8 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        return json.loads(_read_text(path))
+        with _open_utf8(path) as f:
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
 
@@ -57,9 +67,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
     records = []
-    # newline=None splits lines as a text-mode file does (\n, \r\n or \r); str.splitlines would also split at
-    # U+2028, which JSON allows unescaped inside a string.
-    with io.StringIO(_read_text(path), newline=None) as f:
+    with _open_utf8(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not records
@@ -299,7 +307,8 @@ class TextFile(torch.utils.data.Dataset):
         elif self.path.suffix == ".txt":
             if not self.path.is_file():
                 raise FileNotFoundError(f"text file not found: {self.path}")
-            lines = _read_text(self.path).splitlines()
+            with _open_utf8(self.path) as f:
+                lines = f.read().splitlines()
             start, block = 0, []  # the paragraph being gathered and its first line number
             for lineno, line in enumerate([*lines, ""], start=1):  # a final "" flushes the last paragraph
                 if line.strip() and unit == "line":

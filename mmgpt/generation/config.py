@@ -88,9 +88,9 @@ class GenerationConfig:
         that cannot be decoded together, naming the argument and its value. Called when a config is built.
 
         Ranges are HF's, and checked where a value is used, as HF's logits processors do: the sampling filters
-        only when sampling (``temperature`` > 0, ``top_k`` >= 0 with 0 off, ``top_p`` in (0, 1], ``min_p`` in
-        [0, 1]; greedy ignores them, so ``temperature=0`` with greedy is fine), ``length_penalty`` with beam
-        search, ``repetition_penalty`` > 0 always.
+        only when sampling (``temperature`` > 0, ``top_p`` in (0, 1], ``min_p`` in [0, 1]; greedy ignores them,
+        so ``temperature=0`` with greedy is fine), ``length_penalty`` with beam search; always ``top_k`` an int
+        >= 0 (0 or None: off) and ``repetition_penalty`` > 0.
         """
         _check_int("max_new_tokens", self.max_new_tokens, minimum=0)
         _check_int("num_return_sequences", self.num_return_sequences, minimum=1)

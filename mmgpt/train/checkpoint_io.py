@@ -11,12 +11,13 @@ from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from mmgpt.checkpoint import check_finite, local_path
+from mmgpt.checkpoint import local_path
 
 
 class SafeCheckpointIO(CheckpointIO):
     """Wraps the strategy's ``CheckpointIO``: saving goes to it unchanged; loading takes local paths only, with
-    ``weights_only=True``, and refuses non-finite weights by name."""
+    ``weights_only=True``. (Non-finite weights are refused by ``MMGPTModule.on_load_checkpoint``, which every
+    Lightning load passes through.)"""
 
     def __init__(self, inner: CheckpointIO) -> None:
         self.inner = inner
@@ -29,10 +30,7 @@ class SafeCheckpointIO(CheckpointIO):
             raise ValueError("weights_only=False: mmgpt checkpoints are plain data and load without pickle code")
         path = local_path(path, "ckpt_path")
         kwargs = {} if map_location is None else {"map_location": map_location}
-        checkpoint = self.inner.load_checkpoint(path, weights_only=True, **kwargs)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-            check_finite(checkpoint["state_dict"], f"ckpt_path={str(path)!r}")
-        return checkpoint
+        return self.inner.load_checkpoint(path, weights_only=True, **kwargs)
 
     def remove_checkpoint(self, path) -> None:
         self.inner.remove_checkpoint(path)
