@@ -23,7 +23,7 @@ from mmgpt.models.mmgpt import MMGPT
 
 
 class _ModelLock:
-    """A lock on one model's KV cache that knows the thread holding it.
+    """A lock on one model's KV cache that knows the thread holding it (and keeps the model's compiled step).
 
     A thread that asks for the lock it already holds is refused instead of waiting forever: it is an unfinished
     stream (a suspended generator holds the lock between tokens) followed by another generation in the same
@@ -34,6 +34,9 @@ class _ModelLock:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: int | None = None
+        # The model's compiled decode step, made on first use and kept: a new torch.compile wrapper per call
+        # would cost its setup and guard checks on every generate call.
+        self.compiled_step = None
 
     def acquire(self) -> None:
         if self.owner == threading.get_ident():
@@ -95,7 +98,7 @@ class DecodeState:
         compile: run the decode step through ``torch.compile``. Dynamic shapes: the attended slots grow by one per
             step and one graph serves every length (a static graph would attend to the whole cache, which costs
             more than the compile saves). The batch size stays static (the cache is a module buffer), so each
-            batch size compiles once; torch keeps the compiled graphs for later calls.
+            batch size compiles once; the model keeps its compiled step for later calls.
         track_seen: keep which tokens each row has seen, for the repetition penalty.
     """
 
@@ -187,7 +190,9 @@ class DecodeState:
                 logits_to_keep=1,
             )[:, -1]
         if self.step_fn is None:
-            self.step_fn = torch.compile(decode_step, dynamic=True) if self.compile else decode_step
+            if self.compile and self.lock.compiled_step is None:
+                self.lock.compiled_step = torch.compile(decode_step, dynamic=True)
+            self.step_fn = self.lock.compiled_step if self.compile else decode_step
         return self.step_fn(
             self.decoder, tokens, self.slots[pos : pos + 1], self.position_ids[:, pos : pos + 1],
             self.decode_mask[..., : pos + 1],
