@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from mmgpt.generation.config import GenerationConfig
 from mmgpt.generation.engine import generate as generate_ids
 from mmgpt.generation.engine import resolve_generation_config, stream_tokens
 from mmgpt.generation.stopping import cut_at_stop_string
+from mmgpt.messages import parse_messages
 from mmgpt.models.image_processor import ImageInput
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import conversation, encode_conversation
@@ -122,15 +123,20 @@ class Pipeline:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one (or None) per prompt")
         # conversation() checks each prompt: a str or None, valid Unicode, and no "<image>" marker of its own.
         per_prompt = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        ids, mask = self._tokenize_messages(
+            [conversation(p, num_images=len(ims)) for ims, p in zip(per_prompt, prompts, strict=True)]
+        )
+        return ids, mask, per_prompt
+
+    def _tokenize_messages(self, conversations: Sequence[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template messages (``<image>`` markers in place) -> left-padded ``(input_ids, attention_mask)``, ready
+        for the assistant's turn."""
         rows = [
-            encode_conversation(
-                self.tokenizer, conversation(p, num_images=len(ims)), self.model.image_seq_len,
-                add_generation_prompt=True,
-            )[0]
-            for ims, p in zip(per_prompt, prompts, strict=True)
+            encode_conversation(self.tokenizer, messages, self.model.image_seq_len, add_generation_prompt=True)[0]
+            for messages in conversations
         ]
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, side="left")
-        return ids.to(self.device), mask.to(self.device), per_prompt
+        return ids.to(self.device), mask.to(self.device)
 
     def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         return torch.stack([self.processor(im) for im in images]).to(self.device) if images else None
@@ -138,9 +144,31 @@ class Pipeline:
     def _inputs(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """``(input_ids, attention_mask, image_embeds)``: images are encoded in one batch, handles reused."""
         ids, mask, per_prompt = self._tokenize(images, prompts)
-        flat = [im for ims in per_prompt for im in ims]
+        return ids, mask, self._embed([im for ims in per_prompt for im in ims])
+
+    def encode_chat(self, conversations: Sequence[Sequence[Mapping[str, Any]]]):
+        """Conversations (HF/OpenAI-style messages, see ``chat``) -> ``(input_ids, attention_mask, image_embeds)``:
+        left-padded ids rendered by the model's chat template up to the assistant's turn, and the embeddings of
+        every image, in order (``None`` when there are none).
+
+        Raises:
+            TypeError, ValueError: as ``mmgpt.messages.parse_messages``, naming the conversation and message.
+        """
+        parsed = []
+        for k, messages in enumerate(conversations):
+            try:
+                parsed.append(parse_messages(messages))
+            except (TypeError, ValueError) as e:
+                if len(conversations) == 1:
+                    raise
+                raise type(e)(f"conversation {k}: {e}") from None
+        ids, mask = self._tokenize_messages([msgs for msgs, _ in parsed])
+        return ids, mask, self._embed([im for _, ims in parsed for im in ims])
+
+    def _embed(self, flat: Sequence[ImageInput | ImageEmbedding]) -> torch.Tensor | None:
+        """``(N, image_seq_len, n_embd)`` for images and handles in order; raw images are encoded in one batch."""
         if not flat:
-            return ids, mask, None
+            return None
         shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
         for im in flat:
             if isinstance(im, ImageEmbedding) and tuple(im.embeds.shape) != shape:
@@ -151,7 +179,7 @@ class Pipeline:
         raw = [im for im in flat if not isinstance(im, ImageEmbedding)]
         encoded = iter(self._encode_images(raw))
         embeds = [im.embeds.to(self.device) if isinstance(im, ImageEmbedding) else next(encoded) for im in flat]
-        return ids, mask, torch.stack(embeds)
+        return torch.stack(embeds)
 
     @torch.inference_mode()
     def _encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -242,16 +270,78 @@ class Pipeline:
         generator = self._generator(seed, generator)
         if not prompts and not images:
             return []  # an empty batch (after the arguments were checked, so a bad one is still an error)
-        input_ids, attention_mask, image_embeds = self._inputs(images, prompts)
+        texts = self._generate_texts(self._inputs(images, prompts), config, generator, tokenizer)
+        return texts[0] if single else texts
+
+    def _generate_texts(self, inputs, config: GenerationConfig, generator, tokenizer) -> list:
+        """Decode ``(input_ids, attention_mask, image_embeds)``: a text per prompt (a list of
+        ``num_return_sequences`` texts when that is > 1)."""
+        input_ids, attention_mask, image_embeds = inputs
         new = generate_ids(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
             generator=generator, tokenizer=tokenizer or self.tokenizer,
         )
         texts = [self._text(row, config.stop_strings) for row in new]
         n = config.num_return_sequences
-        if n > 1:
-            texts = [texts[i : i + n] for i in range(0, len(texts), n)]
+        return [texts[i : i + n] for i in range(0, len(texts), n)] if n > 1 else texts
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | list[list[str]]:
+        """The assistant's next turn in a conversation, or in each of a list of conversations (batched).
+
+        Messages are HF's and OpenAI's: ``{"role": "system" | "user" | "assistant", "content": ...}`` where content
+        is a string or a list of parts, ``{"type": "text", "text": str}`` and ``{"type": "image", "image": PIL
+        image | path | (3, H, W) tensor | ImageEmbedding}``. Images may sit in any user or system turn, several per
+        turn; the model's chat template places them (mmgpt's own puts every image first, where it was trained to
+        find them).
+
+        Args:
+            messages: one conversation (a list of message dicts) or a list of conversations; each ends with a
+                user (or system) message.
+            max_new_tokens, seed, generation_config, generator, tokenizer, **kwargs: as ``generate``.
+
+        Returns:
+            The reply for one conversation, a list of replies for a list (lists of ``num_return_sequences``
+            replies when that is > 1).
+
+        Raises:
+            TypeError, ValueError: naming the message and part at fault (``messages[1].content[0].text``), as
+                ``mmgpt.messages.parse_messages``; a ``GenerationConfig`` field out of range.
+        """
+        single = _is_conversation(messages)
+        conversations = [messages] if single else list(messages)
+        config = self._generation_config(generation_config, max_new_tokens, kwargs)
+        generator = self._generator(seed, generator)
+        if not conversations:
+            return []
+        texts = self._generate_texts(self.encode_chat(conversations), config, generator, tokenizer)
         return texts[0] if single else texts
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """``chat`` for one conversation, piece by piece as ``stream`` writes them (the pieces join to what
+        ``chat`` returns)."""
+        if not _is_conversation(messages):
+            raise TypeError("chat_stream() takes one conversation: a list of {'role', 'content'} dicts")
+        config = self._stream_config(generation_config, max_new_tokens, kwargs)
+        generator = self._generator(seed, generator)
+        yield from self._stream_text(self.encode_chat([messages]), config, generator, tokenizer)
 
     def stream(
         self,
@@ -281,11 +371,18 @@ class Pipeline:
         The model is held (other threads' generations wait) from the first piece until the stream is exhausted,
         raises or is closed (``close()``; a ``for`` loop left early closes it once the generator is dropped).
         """
+        config = self._stream_config(generation_config, max_new_tokens, kwargs)
+        generator = self._generator(seed, generator)
+        yield from self._stream_text(self._inputs([image], [prompt]), config, generator, tokenizer)
+
+    def _stream_config(self, generation_config, max_new_tokens, kwargs) -> GenerationConfig:
         config = self._generation_config(generation_config, max_new_tokens, kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise ValueError("stream() writes one sequence: num_beams and num_return_sequences must be 1")
-        generator = self._generator(seed, generator)
-        input_ids, attention_mask, image_embeds = self._inputs([image], [prompt])
+        return config
+
+    def _stream_text(self, inputs, config: GenerationConfig, generator, tokenizer) -> Iterator[str]:
+        input_ids, attention_mask, image_embeds = inputs
         text = _TextStream(self.tokenizer, config.stop_strings)
         steps = stream_tokens(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
@@ -301,6 +398,11 @@ class Pipeline:
         piece = text.end()
         if piece:
             yield piece
+
+
+def _is_conversation(messages: Any) -> bool:
+    """One conversation (a list of message dicts) rather than a list of conversations."""
+    return not isinstance(messages, (list, tuple)) or not messages or isinstance(messages[0], Mapping)
 
 
 class _TextStream:
