@@ -6,6 +6,15 @@ An exported model is a directory::
     model.safetensors     weights
     tokenizer.json        the tokenizer (plus tokenizer_config.json)
 
+A LoRA adapter is a directory as peft's ``PeftModel.save_pretrained`` writes it::
+
+    adapter_config.json         peft's LoraConfig (r, lora_alpha, target_modules, base_model_name_or_path...)
+    adapter_model.safetensors   the adapter weights, named base_model.model.<module path>.lora_A.weight etc.
+
+It goes on the model it was trained on (``load_lora_adapter``); for a transformers LM as the decoder
+(``decoder.backend: hf``) the module paths are the LM's own, so ``peft.PeftModel.from_pretrained(lm, directory)``
+also loads it onto the plain LM.
+
 A Lightning training checkpoint (``.ckpt``) carries, beside Lightning's own keys, the model config, the tokenizer
 and the LoRA settings under the ``CKPT_*_KEY`` names, so that the file alone is enough to load the model. It is
 read with ``torch.load(weights_only=True)``.
@@ -16,6 +25,7 @@ an infinity are neither written nor loaded: a diverged run must not pass for a t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -23,12 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.config import MMGPTConfig
 from mmgpt.factory import create_model
-from mmgpt.models.lora import LoRAConfig, apply_lora, merge_lora
+from mmgpt.models.hf_decoder import HFDecoder
+from mmgpt.models.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_adapter_state_dict,
+    lora_peft_config,
+    merge_lora,
+    peft_base,
+)
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.tokenizer import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
@@ -36,6 +56,9 @@ CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 CKPT_CONFIG_KEY, CKPT_TOKENIZER_KEY = "mmgpt_config", "mmgpt_tokenizer"
 # Present when the decoder was trained with LoRA adapters: loading re-creates them, then merges them.
 CKPT_LORA_KEY = "mmgpt_lora"
+# peft's file names (peft.utils.CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME); its pickle, adapter_model.bin, is never read.
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_ADAPTER_PICKLE_FILE = "adapter_model.bin"
 # Lightning keeps the LightningModule's parameters under its attribute name: MMGPTModule.model.
 _CKPT_MODEL_PREFIX = "model."
 # A URL ("http://", "file://") or an fsspec path ("s3://", "simplecache::http://"): not a local path. Lightning and
@@ -130,6 +153,138 @@ def tokenizer_from_lightning_checkpoint(checkpoint: dict) -> PreTrainedTokenizer
 def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
     """``(model, tokenizer)`` from a training checkpoint; LoRA adapters in it are merged into plain weights."""
     path = local_path(path, "path")
+    ckpt = _read_lightning_checkpoint(path, map_location)
+    model = _model_from_lightning_checkpoint(ckpt, path)
+    if ckpt.get(CKPT_LORA_KEY):
+        merge_lora(model.decoder)  # inference and export use plain weights
+    return model.to(map_location), tokenizer_from_lightning_checkpoint(ckpt)
+
+
+def save_lora_adapter(
+    model_or_decoder: MMGPT | torch.nn.Module, directory: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write the decoder's LoRA adapter (not merged) as ``PeftModel.save_pretrained`` writes it.
+
+    Args:
+        model_or_decoder: an ``MMGPT`` or its decoder, with adapters injected (``apply_lora``) and trained.
+        directory: created if needed; gets ``adapter_config.json`` and ``adapter_model.safetensors``.
+        base_model_name_or_path: the base model, recorded in the config as peft records it. Default: for a
+            transformers LM as the decoder, its ``decoder.hf_path`` (the model ``PeftModel.from_pretrained`` takes);
+            otherwise not recorded.
+
+    Returns:
+        ``directory`` as a ``Path``.
+    """
+    decoder = getattr(model_or_decoder, "decoder", model_or_decoder)
+    directory = Path(directory)
+    weights = lora_adapter_state_dict(decoder)
+    # Checked before anything is written: a NaN adapter must not leave a directory that looks like one.
+    check_finite(weights, f"cannot save the LoRA adapter to {directory}")
+    is_hf = isinstance(decoder, HFDecoder)
+    # What PeftModel.save_pretrained writes: the config in inference mode, the task for a transformers causal LM
+    # (PeftModel.from_pretrained then returns a PeftModelForCausalLM, with generate), the base model when known.
+    config = copy.deepcopy(lora_peft_config(decoder))
+    config.inference_mode = True
+    config.task_type = "CAUSAL_LM" if is_hf else None
+    config.base_model_name_or_path = base_model_name_or_path or (decoder.config.hf_path if is_hf else None)
+    if isinstance(config.target_modules, set):  # a set is written in hash order: sorted, the file is reproducible
+        config.target_modules = sorted(config.target_modules)
+    # Without a task, peft records the base model's class (what AutoPeftModel would import to build it).
+    base = type(peft_base(decoder))
+    auto_mapping = None if is_hf else {"base_model_class": base.__name__, "parent_library": base.__module__}
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})  # peft's metadata
+    config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
+    return directory
+
+
+def load_lora_adapter(model: MMGPT, directory: str | Path, merge: bool = False) -> MMGPT:
+    """Put a LoRA adapter directory (``save_lora_adapter``'s, or any peft LoRA adapter of this decoder) on ``model``.
+
+    Args:
+        model: the base model the adapter was trained on, without adapters (an ``MMGPT``; its decoder also works).
+        directory: a local directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (a pickled
+            ``adapter_model.bin`` is not read).
+        merge: fold the adapter into the base weights (a plain model, as a merged export is) instead of keeping
+            peft's LoRA layers (which ``merge_lora`` can merge later).
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        FileNotFoundError: no such directory, or a file missing from it.
+        ValueError: a URL; not a LoRA adapter; weights that are not finite or do not fit the model (each named).
+    """
+    from peft import LoraConfig, PeftType
+
+    directory = local_path(directory, "adapter")
+    config_file, weights_file = directory / ADAPTER_CONFIG_FILE, directory / ADAPTER_WEIGHTS_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no LoRA adapter directory at {directory}")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a LoRA adapter: {ADAPTER_CONFIG_FILE} is missing")
+    if not weights_file.is_file():
+        if (directory / _ADAPTER_PICKLE_FILE).is_file():
+            raise ValueError(
+                f"{directory} holds {_ADAPTER_PICKLE_FILE}, a pickle, which mmgpt does not read (unpickling can run "
+                f"code): re-save the adapter with PeftModel.save_pretrained(dir, safe_serialization=True) to get "
+                f"{ADAPTER_WEIGHTS_FILE}"
+            )
+        raise FileNotFoundError(f"{directory} is not a LoRA adapter: {ADAPTER_WEIGHTS_FILE} is missing")
+    try:
+        config = LoraConfig.from_pretrained(str(directory))
+    except Exception as e:  # noqa: BLE001 - invalid JSON, unknown fields: the file is not a peft config we can use
+        raise ValueError(f"{config_file}: cannot read as a peft LoRA config ({e})") from e
+    if config.peft_type != PeftType.LORA:
+        raise ValueError(f"{config_file}: peft_type is {config.peft_type}, expected LORA; mmgpt loads LoRA adapters")
+    try:
+        weights = load_file(str(weights_file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_file}: cannot read as safetensors ({e})") from e
+    check_finite(weights, str(weights_file))
+    decoder = getattr(model, "decoder", model)
+    requires_grad = {name: p.requires_grad for name, p in decoder.named_parameters()}
+    try:
+        load_lora_state_dict(decoder, config, weights)
+    except ValueError as e:  # peft's "target modules not found" too
+        raise ValueError(f"LoRA adapter {directory}: {e}") from e
+    if merge:
+        merge_lora(decoder)
+        for name, p in decoder.named_parameters():  # a plain model again, trainable where it was
+            p.requires_grad_(requires_grad[name])
+    return model
+
+
+def export_lora_adapter(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the LoRA adapter of a training checkpoint as a peft adapter directory (``save_lora_adapter``).
+
+    The adapter only: it goes on the model the run started from (its ``init_from``, or the model its config builds
+    with ``decoder.hf_path``'s LM), with ``load_lora_adapter`` or, for a transformers LM, peft itself. The merged
+    model is still what ``load_checkpoint(ckpt_path)`` and an export give.
+
+    Args:
+        ckpt_path: a local ``.ckpt`` of a run trained with ``model.lora``.
+        out_dir: the adapter directory to write.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    path = local_path(ckpt_path, "ckpt_path")
+    ckpt = _read_lightning_checkpoint(path, "cpu")
+    if not ckpt.get(CKPT_LORA_KEY):
+        raise ValueError(
+            f"{path}: this run did not train LoRA adapters (model.lora was not set), so there is no adapter to "
+            f"export: export the whole model instead"
+        )
+    model = _model_from_lightning_checkpoint(ckpt, path)
+    # Recorded when the config names no transformers LM: the model the run started from, if it says which.
+    init_from = (ckpt.get("hyper_parameters") or {}).get("init_from")
+    base = None if isinstance(model.decoder, HFDecoder) else init_from
+    return save_lora_adapter(model, out_dir, base_model_name_or_path=base)
+
+
+def _read_lightning_checkpoint(path: Path, map_location: str | torch.device) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no Lightning checkpoint file at {path}")
     # weights_only=True: a checkpoint is data; loading it must never run code from the file.
@@ -139,17 +294,19 @@ def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device
         raise ValueError(f"{path}: cannot read as a Lightning checkpoint with weights_only=True ({e})") from e
     if not isinstance(ckpt, dict) or CKPT_CONFIG_KEY not in ckpt or CKPT_TOKENIZER_KEY not in ckpt:
         raise ValueError(f"{path}: not an mmgpt training checkpoint (no model config or tokenizer inside)")
+    return ckpt
+
+
+def _model_from_lightning_checkpoint(ckpt: dict, path: Path) -> MMGPT:
+    """The checkpoint's model with its weights, LoRA adapters (if any) injected and not merged."""
     model = _model_for_weights(MMGPTConfig.from_dict(ckpt[CKPT_CONFIG_KEY]))
-    lora = ckpt.get(CKPT_LORA_KEY)
-    if lora:
+    if lora := ckpt.get(CKPT_LORA_KEY):
         apply_lora(model.decoder, LoRAConfig(**lora))
     n = len(_CKPT_MODEL_PREFIX)
     state_dict = {k[n:]: v for k, v in ckpt["state_dict"].items() if k.startswith(_CKPT_MODEL_PREFIX)}
     check_finite(state_dict, str(path))
     model.load_state_dict(state_dict)
-    if lora:
-        merge_lora(model.decoder)  # inference and export use plain weights
-    return model.to(map_location), tokenizer_from_lightning_checkpoint(ckpt)
+    return model
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:

@@ -4,13 +4,34 @@ peft's low-level ``inject_adapter_in_model`` keeps the module tree as it is (a t
 ``base_layer`` / ``lora_A`` / ``lora_B`` children), so the decoder's interface, the generation engine and the
 checkpoint keys of everything else stay unchanged. ``merge_lora`` folds ``B @ A * alpha / r`` into each base
 weight and puts the plain ``nn.Linear`` back: an exported model has no trace of peft and loads without it.
+
+An adapter also travels on its own, as ``PeftModel.save_pretrained`` writes it: ``lora_adapter_state_dict`` names
+its weights as peft does (``base_model.model.<module path>.lora_A.weight``) and ``load_lora_state_dict`` puts such
+weights back. peft wraps the module that ``peft_base`` returns: for an ``HFDecoder`` the transformers model inside
+it, so that module paths are the LM's own and the adapter loads onto the plain LM with
+``PeftModel.from_pretrained(lm, directory)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 import torch.nn as nn
+
+from mmgpt.models.hf_decoder import HFDecoder
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# Every key of a peft adapter file starts with this: PeftModel.base_model (the LoraModel) .model (the wrapped model).
+PEFT_KEY_PREFIX = "base_model.model."
+# inject_adapter_in_model's name for a model's only adapter; peft drops it from the keys of a saved adapter.
+_ADAPTER_NAME = "default"
+# How many offending keys an error names before summing up the rest.
+_NAMED = 8
 
 
 @dataclass
@@ -49,10 +70,83 @@ def apply_lora(decoder: nn.Module, config: LoRAConfig) -> nn.Module:
 
     targets = config.target_modules or lora_target_modules(decoder)
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
-    decoder = inject_adapter_in_model(peft_config, decoder)
+    # In place: the module tree, and so the checkpoint keys, are the same whichever module peft is given.
+    inject_adapter_in_model(peft_config, peft_base(decoder))
     for name, p in decoder.named_parameters():
         p.requires_grad_("lora_" in name)
     return decoder
+
+
+def peft_base(decoder: nn.Module) -> nn.Module:
+    """The module peft wraps: an ``HFDecoder``'s transformers model, or the native decoder itself."""
+    return decoder.model if isinstance(decoder, HFDecoder) else decoder
+
+
+def has_lora(module: nn.Module) -> bool:
+    """Whether ``module`` holds LoRA layers (injected and not merged)."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in module.modules())
+
+
+def lora_peft_config(decoder: nn.Module) -> LoraConfig:
+    """The peft ``LoraConfig`` the decoder's adapters were injected with (a ValueError if there are none)."""
+    base = peft_base(decoder)
+    if not has_lora(base) or _ADAPTER_NAME not in getattr(base, "peft_config", {}):
+        raise ValueError(
+            "the decoder has no LoRA adapters: train with model.lora set, or inject them with apply_lora(decoder, ...)"
+        )
+    return base.peft_config[_ADAPTER_NAME]
+
+
+def lora_adapter_state_dict(decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoder's adapter weights, named as ``PeftModel.save_pretrained`` names them.
+
+    Returns:
+        ``{"base_model.model.<module path>.lora_A.weight": tensor, ...}`` (module paths as ``peft_base`` has them);
+        the adapters only: the LoRA matrices of a targeted layer, never the base weights or the embeddings.
+    """
+    from peft import get_peft_model_state_dict
+
+    lora_peft_config(decoder)  # a clear error when there is no adapter
+    # save_embedding_layers=False: peft's "auto" would look the base model up (a network call for a repo id) to see
+    # whether the vocabulary was resized; an mmgpt adapter is meant for the base it was trained on, embeddings and all.
+    weights = get_peft_model_state_dict(peft_base(decoder), adapter_name=_ADAPTER_NAME, save_embedding_layers=False)
+    return {PEFT_KEY_PREFIX + k: v for k, v in weights.items()}
+
+
+def load_lora_state_dict(decoder: nn.Module, config: LoraConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Inject adapters per ``config`` into ``decoder`` and load ``state_dict`` into them, strictly.
+
+    Args:
+        decoder: the native ``Decoder`` or an ``HFDecoder``, without adapters.
+        config: the peft config the adapter was saved with.
+        state_dict: adapter weights named as ``lora_adapter_state_dict`` names them.
+
+    Raises:
+        ValueError: the decoder has adapters already, ``config`` targets no module of it, or the weights do not fit
+            the injected adapters (keys missing or unexpected, shapes that differ; each named). The decoder is then
+            left as it was.
+    """
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    base = peft_base(decoder)
+    if has_lora(base):
+        raise ValueError("the decoder has LoRA adapters already: load an adapter onto a model without them")
+    requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+    try:
+        inject_adapter_in_model(config, base, adapter_name=_ADAPTER_NAME)
+        expected = lora_adapter_state_dict(decoder)
+        _check_fits(state_dict, expected)
+        n = len(PEFT_KEY_PREFIX)
+        result = set_peft_model_state_dict(base, {k[n:]: v for k, v in state_dict.items()}, adapter_name=_ADAPTER_NAME)
+        if result.unexpected_keys:  # checked above; here only if peft would map a key elsewhere than it names it
+            raise ValueError(f"weights peft did not place: {_shown(result.unexpected_keys)}")
+    except Exception:
+        _remove_lora(base)  # as it was: no half-injected adapters with random weights left behind
+        for name, p in base.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        raise
 
 
 def merge_lora(module: nn.Module) -> int:
@@ -61,15 +155,47 @@ def merge_lora(module: nn.Module) -> int:
     Returns:
         How many layers were merged.
     """
+    return _remove_lora(module, merge=True)
+
+
+def _remove_lora(module: nn.Module, merge: bool = False) -> int:
+    """Put every LoRA layer's base layer back in its place (after folding the adapter into it if ``merge``)."""
     from peft.tuners.lora import LoraLayer
 
-    merged = 0
+    removed = 0
     for name, layer in list(module.named_modules()):
         if isinstance(layer, LoraLayer):
-            layer.merge()
+            if merge:
+                layer.merge()
             parent_name, _, child = name.rpartition(".")
             base = layer.get_base_layer()
             base.requires_grad_(True)
             setattr(module.get_submodule(parent_name) if parent_name else module, child, base)
-            merged += 1
-    return merged
+            removed += 1
+    # The adapters' config goes with them: a later injection starts afresh instead of adding a second adapter.
+    for m in module.modules():
+        if "peft_config" in m.__dict__:
+            del m.peft_config
+    return removed
+
+
+def _check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in sorted(expected.keys() & state_dict.keys()) if state_dict[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{what}: {_shown(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+    ]
+    if problems:
+        raise ValueError(
+            "the adapter weights do not fit the adapters its config injects into this model ("
+            + "; ".join(problems) + "): was it saved for another base model?"
+        )
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:_NAMED]) + (f" and {len(keys) - _NAMED} more" if len(keys) > _NAMED else "")
