@@ -20,9 +20,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mmgpt.assets import ASSETS
 from mmgpt.prompts import ASSISTANT, BOS, EOS, IMAGE, PAD, SPECIAL_TOKENS, SYSTEM, USER
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The installed package's copy in a wheel, the repository's assets/ in a checkout (mmgpt/assets.py).
 DEFAULT_TOKENIZER = ASSETS / "tokenizer"
 
 # mmgpt's own conversation format as a Jinja chat template (the one ``apply_chat_template`` runs):

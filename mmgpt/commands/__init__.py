@@ -1,0 +1,1 @@
+"""The ``mmgpt`` command line: ``mmgpt.commands.main`` dispatches each subcommand to its module here."""

@@ -1,0 +1,96 @@
+"""Evaluate a model on a data split with batched greedy generation.
+
+    mmgpt evaluate --model assets/default_model --data shapes --split test
+    mmgpt evaluate --model runs/shapes/.../last.ckpt --data configs/shapes.yaml --split val --limit 200
+
+Prints a table of metrics, then as its last line a single JSON object with every metric and the sample count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mmgpt
+
+if TYPE_CHECKING:
+    from mmgpt.data import MMGPTDataModule
+
+
+def datamodule_from(spec: str) -> MMGPTDataModule:
+    """``shapes`` (the built-in data with its default splits) or a training YAML whose ``data:`` section is used.
+
+    The section is read as training reads it (``mmgpt.train.cli.datamodule_from_config``): the same defaults,
+    types and errors as ``mmgpt fit --config`` would give it.
+
+    Raises:
+        SystemExit: ``spec`` is neither ``shapes`` nor a YAML file with a valid ``data:`` section (the message
+            names it).
+    """
+    # Imported here: Lightning and jsonargparse take seconds to load, and --help needs neither.
+    from jsonargparse import ArgumentError, get_loader
+
+    from mmgpt.train.cli import datamodule_from_config
+
+    if spec == "shapes":
+        section = {}
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise SystemExit(f"--data {spec}: expected 'shapes' or a YAML config file with a data: section")
+        # jsonargparse's YAML loader, as training's --config uses: it reads 1e-3 as a number, where PyYAML gives a str.
+        section = (get_loader("yaml")(path.read_text()) or {}).get("data")
+        if not isinstance(section, dict):
+            raise SystemExit(f"--data {spec}: the file has no data: section")
+    try:
+        return datamodule_from_config(section)
+    except ArgumentError as e:
+        raise SystemExit(f"--data {spec}: {e}") from e
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dict:
+    """Parse the arguments, evaluate, print the metrics table and the JSON line.
+
+    Args:
+        argv: the arguments after the subcommand (``None``: ``sys.argv[1:]``).
+        prog: the name usage and error messages give the command.
+
+    Returns:
+        The metrics, by name (``samples`` and each task's ``.../samples`` are counts).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="exported directory or .ckpt (default: the shipped model)")
+    parser.add_argument("--data", default="shapes", help="'shapes' or a training YAML config")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--predictions", default=None, help="also write every prediction to this JSONL file")
+    args = parser.parse_args(argv)
+
+    from mmgpt.eval.evaluate import evaluate
+
+    pipe = mmgpt.load(args.model, map_location=args.device)
+    dm = datamodule_from(args.data)
+    metrics, rows = evaluate(
+        pipe.model, pipe.tokenizer, dm.dataset(args.split), batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, max_length=dm.max_length, limit=args.limit,
+    )
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    width = max(len(k) for k in metrics)
+    print(f"{'metric':<{width}}  value")
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {v:.4f}" if not k.endswith("samples") else f"{k:<{width}}  {int(v)}")
+    sys.stdout.flush()
+    print(json.dumps({k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in metrics.items()}))
+    return metrics

@@ -1,0 +1,39 @@
+"""Export a training checkpoint to a self-contained directory (config.yaml, model.safetensors, tokenizer).
+
+    mmgpt export --ckpt runs/shapes/.../last.ckpt --out my_model
+
+Only a local file is read, with ``torch.load(weights_only=True)`` (a checkpoint cannot run code), and a model whose
+weights hold NaN or inf (a diverged run) is refused rather than exported. ``mmgpt.load(OUT)`` reads the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import mmgpt
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mmgpt export") -> None:
+    """Parse the arguments and export; a checkpoint that cannot be exported exits with status 2.
+
+    Args:
+        argv: the arguments after the subcommand (``None``: ``sys.argv[1:]``).
+        prog: the name usage and error messages give the command.
+
+    Raises:
+        SystemExit: status 2, with ``PROG: error: --ckpt: REASON`` on stderr, for a missing, remote, unreadable or
+            non-finite checkpoint (as argparse reports a bad argument).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `mmgpt fit` (a local file)")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    try:
+        mmgpt.load(args.ckpt).save_pretrained(args.out)
+    except (ValueError, FileNotFoundError) as e:
+        # What was wrong with which argument, without a traceback through the loader; exit status 2 as argparse's.
+        parser.exit(2, f"{parser.prog}: error: --ckpt: {e}\n")
+    print(f"exported {args.ckpt} to {args.out}")
