@@ -110,3 +110,13 @@ def parse_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str
             "the turn the model answers"
         )
     return out, images
+
+
+def image_places(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where each image of a conversation that ``parse_messages`` accepted sits (``messages[2].content[0]``), in the
+    order of its images: for errors about an image found later (a file that cannot be read)."""
+    return [
+        f"messages[{i}].content[{j}]"
+        for i, m in enumerate(messages) if not isinstance(m["content"], str)
+        for j, part in enumerate(m["content"]) if part["type"] == "image"
+    ]

@@ -16,16 +16,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from mmgpt.checkpoint import CONFIG_FILE, load_checkpoint, save_exported
+from mmgpt.checkpoint import CONFIG_FILE, load_checkpoint, load_lora_adapter, save_exported
 from mmgpt.data.collate import pad_rows
 from mmgpt.generation.config import GenerationConfig
 from mmgpt.generation.engine import generate as generate_ids
 from mmgpt.generation.engine import resolve_generation_config, stream_tokens
+from mmgpt.generation.prefix_cache import PrefixCache
 from mmgpt.generation.stopping import cut_at_stop_string
-from mmgpt.messages import parse_messages
+from mmgpt.messages import image_places, parse_messages
 from mmgpt.models.image_processor import ImageInput
 from mmgpt.models.mmgpt import MMGPT
-from mmgpt.prompts import conversation, encode_conversation
+from mmgpt.prompts import IMAGE, conversation, encode_conversation
 from mmgpt.tokenizer import ASSETS
 
 DEFAULT_MODEL = ASSETS / "default_model"
@@ -63,6 +64,12 @@ class Pipeline:
     Tokenizing and ``encode_image`` touch no cache and run in parallel. For parallel decoding, give each thread a
     model of its own (``copy.deepcopy(pipeline)``).
 
+    ``chat`` and ``chat_stream`` keep the KV cache of their recent conversations in ``prefix_cache`` (a
+    ``mmgpt.generation.PrefixCache`` of 4 entries; ``PrefixCache(max_entries=n)`` for another bound, ``None`` to
+    switch it off), so a conversation's next turn prefills only its new tokens (see ``chat``). Entries made with
+    other weights are never used (replaced or changed tensors are detected); after a change that keeps every tensor
+    (a switch such as peft's ``disable_adapter_layers``), call ``prefix_cache.clear()``.
+
     Args:
         model: an ``MMGPT``.
         tokenizer: the tokenizer it was trained with.
@@ -77,6 +84,9 @@ class Pipeline:
         self.generation_config = GenerationConfig(
             max_new_tokens=48, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
+        # Four conversations on a shared pipeline (a server's users, taking turns) keep their caches; each entry
+        # is at most one row of the KV cache, block_size tokens.
+        self.prefix_cache: PrefixCache | None = PrefixCache(max_entries=4)
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +100,22 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Pipeline:
         """Load an exported directory or a Lightning ``.ckpt`` file (see ``mmgpt.load``)."""
         return cls(*load_checkpoint(path, map_location))
+
+    def load_adapter(self, path: str | Path, merge: bool = True) -> Pipeline:
+        """Put a LoRA adapter (peft's format: adapter_config.json + adapter_model.safetensors) on this model.
+
+        Args:
+            path: a local adapter directory, as ``mmgpt export --adapter-only`` or ``PeftModel.save_pretrained``
+                write it, for the model this pipeline holds (the one its training run started from).
+            merge: fold it into the weights (plain layers, decoding as fast as the base); False keeps peft's
+                LoRA layers.
+
+        Returns:
+            ``self``.
+        """
+        load_lora_adapter(self.model, path, merge=merge)
+        self.model.eval()
+        return self
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config, safetensors weights and tokenizer to directory ``path``."""
@@ -132,14 +158,29 @@ class Pipeline:
         """Template messages (``<image>`` markers in place) -> left-padded ``(input_ids, attention_mask)``, ready
         for the assistant's turn."""
         rows = [
-            encode_conversation(self.tokenizer, messages, self.model.image_seq_len, add_generation_prompt=True)[0]
+            encode_conversation(
+                self.tokenizer, _images_up_front(self.tokenizer, messages), self.model.image_seq_len,
+                add_generation_prompt=True,
+            )[0]
             for messages in conversations
         ]
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, side="left")
         return ids.to(self.device), mask.to(self.device)
 
-    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
-        return torch.stack([self.processor(im) for im in images]).to(self.device) if images else None
+    def _pixels(self, images: Sequence[ImageInput], places: Sequence[str] | None = None) -> torch.Tensor | None:
+        """Processed images ``(N, 3, H, W)``; an image that cannot be read is an error naming its place (a chat
+        message's part) where ``places`` gives them."""
+        if not images:
+            return None
+        pixels = []
+        for k, im in enumerate(images):
+            try:
+                pixels.append(self.processor(im))
+            except (TypeError, ValueError) as e:
+                if places is None:
+                    raise
+                raise _located(e, places[k]) from e
+        return torch.stack(pixels).to(self.device)
 
     def _inputs(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """``(input_ids, attention_mask, image_embeds)``: images are encoded in one batch, handles reused."""
@@ -152,41 +193,49 @@ class Pipeline:
         every image, in order (``None`` when there are none).
 
         Raises:
-            TypeError, ValueError: as ``mmgpt.messages.parse_messages``, naming the conversation and message.
+            TypeError, ValueError: as ``mmgpt.messages.parse_messages``, naming the conversation and message; an
+                image that cannot be read (``mmgpt.models.image_processor.BadImageError``), naming its part.
         """
-        parsed = []
+        parsed, places = [], []
         for k, messages in enumerate(conversations):
+            where = None if len(conversations) == 1 else f"conversation {k}"
             try:
                 parsed.append(parse_messages(messages))
             except (TypeError, ValueError) as e:
-                if len(conversations) == 1:
+                if where is None:
                     raise
-                raise type(e)(f"conversation {k}: {e}") from None
+                raise _located(e, where) from None
+            places += [place if where is None else f"{where}: {place}" for place in image_places(messages)]
         ids, mask = self._tokenize_messages([msgs for msgs, _ in parsed])
-        return ids, mask, self._embed([im for _, ims in parsed for im in ims])
+        return ids, mask, self._embed([im for _, ims in parsed for im in ims], places)
 
-    def _embed(self, flat: Sequence[ImageInput | ImageEmbedding]) -> torch.Tensor | None:
-        """``(N, image_seq_len, n_embd)`` for images and handles in order; raw images are encoded in one batch."""
+    def _embed(
+        self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None
+    ) -> torch.Tensor | None:
+        """``(N, image_seq_len, n_embd)`` for images and handles in order; raw images are encoded in one batch.
+        ``places`` names each image in errors (a chat message's part)."""
         if not flat:
             return None
         shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
-        for im in flat:
+        for k, im in enumerate(flat):
             if isinstance(im, ImageEmbedding) and tuple(im.embeds.shape) != shape:
                 raise ValueError(
-                    f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
+                    ("" if places is None else f"{places[k]}: ")
+                    + f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
                     f"{shape}; encode the image with this pipeline's encode_image"
                 )
-        raw = [im for im in flat if not isinstance(im, ImageEmbedding)]
-        encoded = iter(self._encode_images(raw))
+        raw = [k for k, im in enumerate(flat) if not isinstance(im, ImageEmbedding)]
+        raw_places = None if places is None else [places[k] for k in raw]
+        encoded = iter(self._encode_images([flat[k] for k in raw], raw_places))
         embeds = [im.embeds.to(self.device) if isinstance(im, ImageEmbedding) else next(encoded) for im in flat]
         return torch.stack(embeds)
 
     @torch.inference_mode()
-    def _encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+    def _encode_images(self, images: Sequence[ImageInput], places: Sequence[str] | None = None) -> torch.Tensor:
         """Images -> ``(N, image_seq_len, n_embd)`` embeddings, in one batch (``N = 0``: an empty tensor)."""
         if not images:
             return torch.empty(0, self.model.image_seq_len, self.model.config.decoder.n_embd, device=self.device)
-        return self.model.encode_images(self._pixels(images))
+        return self.model.encode_images(self._pixels(images, places))
 
     def _generation_config(
         self, generation_config: GenerationConfig | None, max_new_tokens: int | None, kwargs: dict[str, Any]
@@ -273,13 +322,13 @@ class Pipeline:
         texts = self._generate_texts(self._inputs(images, prompts), config, generator, tokenizer)
         return texts[0] if single else texts
 
-    def _generate_texts(self, inputs, config: GenerationConfig, generator, tokenizer) -> list:
+    def _generate_texts(self, inputs, config: GenerationConfig, generator, tokenizer, prefix_cache=None) -> list:
         """Decode ``(input_ids, attention_mask, image_embeds)``: a text per prompt (a list of
         ``num_return_sequences`` texts when that is > 1)."""
         input_ids, attention_mask, image_embeds = inputs
         new = generate_ids(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=generator, tokenizer=tokenizer or self.tokenizer,
+            generator=generator, tokenizer=tokenizer or self.tokenizer, prefix_cache=prefix_cache,
         )
         texts = [self._text(row, config.stop_strings) for row in new]
         n = config.num_return_sequences
@@ -293,6 +342,7 @@ class Pipeline:
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
         tokenizer: PreTrainedTokenizerFast | None = None,
+        reuse_cache: bool = True,
         **kwargs: Any,
     ) -> str | list[str] | list[list[str]]:
         """The assistant's next turn in a conversation, or in each of a list of conversations (batched).
@@ -303,10 +353,23 @@ class Pipeline:
         turn; the model's chat template places them (mmgpt's own puts every image first, where it was trained to
         find them).
 
+        A conversation continued turn by turn (send it back with the reply and the next user message) reuses the
+        KV cache of the earlier turns, as litgpt's chat does: a call for one conversation keeps the keys and
+        values of its prompt and reply in ``self.prefix_cache``, and the next call loads the longest common prefix
+        of token ids and prefills only the rest. The answer is the one a full prefill gives (up to float rounding
+        in the last bits, as batched against one-by-one). It is matched by token ids, so an edited earlier message
+        reuses what comes before the edit; images count by value, so an earlier image must be the same picture.
+        mmgpt's own chat template puts every image first, right after bos: an image added in a later turn moves
+        all the text after it, and that turn reuses only bos and the earlier images (correct, just slower); HF
+        templates that keep images in their turns reuse everything before the new one. No reuse for batches of
+        several conversations, beam search, ``use_cache=False``, ``decoder.attention="prefix"`` (a longer prompt
+        changes the earlier keys there) or an HF cache with sliding-window layers: those prefill in full.
+
         Args:
             messages: one conversation (a list of message dicts) or a list of conversations; each ends with a
-                user (or system) message.
+                user (or system) message. ``[]`` is an empty conversation, an error.
             max_new_tokens, seed, generation_config, generator, tokenizer, **kwargs: as ``generate``.
+            reuse_cache: False neither reads nor writes ``self.prefix_cache`` (a full prefill).
 
         Returns:
             The reply for one conversation, a list of replies for a list (lists of ``num_return_sequences``
@@ -314,16 +377,26 @@ class Pipeline:
 
         Raises:
             TypeError, ValueError: naming the message and part at fault (``messages[1].content[0].text``), as
-                ``mmgpt.messages.parse_messages``; a ``GenerationConfig`` field out of range.
+                ``mmgpt.messages.parse_messages``; an image that cannot be read (naming its part, as
+                ``messages[0].content[0]: image file not found: ...``); a ``GenerationConfig`` field out of range.
         """
         single = _is_conversation(messages)
         conversations = [messages] if single else list(messages)
         config = self._generation_config(generation_config, max_new_tokens, kwargs)
         generator = self._generator(seed, generator)
-        if not conversations:
-            return []
-        texts = self._generate_texts(self.encode_chat(conversations), config, generator, tokenizer)
+        prefix_cache = self._prefix_cache(reuse_cache)
+        texts = self._generate_texts(self.encode_chat(conversations), config, generator, tokenizer, prefix_cache)
         return texts[0] if single else texts
+
+    def _prefix_cache(self, reuse_cache: bool) -> PrefixCache | None:
+        if not isinstance(reuse_cache, bool):
+            raise TypeError(f"reuse_cache must be True or False, got {reuse_cache!r}")
+        if self.prefix_cache is not None and not isinstance(self.prefix_cache, PrefixCache):
+            raise TypeError(
+                f"Pipeline.prefix_cache must be a mmgpt.generation.PrefixCache or None, got "
+                f"{type(self.prefix_cache).__name__}"
+            )
+        return self.prefix_cache if reuse_cache else None
 
     def chat_stream(
         self,
@@ -333,15 +406,18 @@ class Pipeline:
         generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
         tokenizer: PreTrainedTokenizerFast | None = None,
+        reuse_cache: bool = True,
         **kwargs: Any,
     ) -> Iterator[str]:
         """``chat`` for one conversation, piece by piece as ``stream`` writes them (the pieces join to what
-        ``chat`` returns)."""
+        ``chat`` returns). It reuses and keeps the conversation's KV cache as ``chat`` does; a stream closed early
+        keeps what it had written."""
         if not _is_conversation(messages):
             raise TypeError("chat_stream() takes one conversation: a list of {'role', 'content'} dicts")
         config = self._stream_config(generation_config, max_new_tokens, kwargs)
         generator = self._generator(seed, generator)
-        yield from self._stream_text(self.encode_chat([messages]), config, generator, tokenizer)
+        prefix_cache = self._prefix_cache(reuse_cache)
+        yield from self._stream_text(self.encode_chat([messages]), config, generator, tokenizer, prefix_cache)
 
     def stream(
         self,
@@ -381,12 +457,12 @@ class Pipeline:
             raise ValueError("stream() writes one sequence: num_beams and num_return_sequences must be 1")
         return config
 
-    def _stream_text(self, inputs, config: GenerationConfig, generator, tokenizer) -> Iterator[str]:
+    def _stream_text(self, inputs, config: GenerationConfig, generator, tokenizer, prefix_cache=None) -> Iterator[str]:
         input_ids, attention_mask, image_embeds = inputs
         text = _TextStream(self.tokenizer, config.stop_strings)
         steps = stream_tokens(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=generator, tokenizer=tokenizer or self.tokenizer,
+            generator=generator, tokenizer=tokenizer or self.tokenizer, prefix_cache=prefix_cache,
         )
         # closing(): closing this generator closes the token stream at once, which frees the model's KV cache and
         # lock, rather than whenever the garbage collector reaches it.
@@ -400,9 +476,43 @@ class Pipeline:
             yield piece
 
 
+def _images_up_front(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages with every image marker moved into the first message, when the chat template renders that
+    alike; otherwise as they are.
+
+    ``encode_conversation`` locates each assistant turn by rendering the conversation up to it, which needs a
+    template that renders a conversation as it renders its beginning. mmgpt's own template puts every image
+    first, so an image sent after an assistant turn moves the earlier turns and that check fails; with the markers
+    already in the first message the text is the same and the check holds. Templates that keep images in their
+    turns (ChatML and others) render the moved markers differently, and their conversations go as they are.
+    """
+    asks = [i for i, m in enumerate(messages) if m["role"] != "assistant"]  # where images may be
+    first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    if not any(IMAGE in messages[i]["content"] for i in asks if i > first_reply):
+        return messages
+    count = sum(messages[i]["content"].count(IMAGE) for i in asks)
+    moved = [{**m, "content": m["content"].replace(IMAGE, "")} if i in asks else m for i, m in enumerate(messages)]
+    moved[asks[0]] = {**moved[asks[0]], "content": IMAGE * count + moved[asks[0]]["content"]}
+
+    def render(msgs: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    return moved if render(moved) == render(messages) else messages
+
+
 def _is_conversation(messages: Any) -> bool:
-    """One conversation (a list of message dicts) rather than a list of conversations."""
-    return not isinstance(messages, (list, tuple)) or not messages or isinstance(messages[0], Mapping)
+    """One conversation (a list of messages) rather than a list of conversations (a list of lists): anything
+    else is one conversation too, for ``parse_messages`` to name what is wrong in it."""
+    return not isinstance(messages, (list, tuple)) or not messages or not isinstance(messages[0], (list, tuple))
+
+
+def _located(error: Exception, place: str) -> Exception:
+    """``error`` again with its place in front of its message (``messages[0].content[1]: ...``), or as it is
+    where its type cannot be rebuilt from a message."""
+    try:
+        return type(error)(f"{place}: {error}")
+    except Exception:
+        return error
 
 
 class _TextStream:
@@ -441,13 +551,17 @@ class _TextStream:
         return self._release(final=True)
 
 
-def load(path: str | Path | None = None, map_location: str | torch.device = "cpu") -> Pipeline:
+def load(
+    path: str | Path | None = None, map_location: str | torch.device = "cpu", adapter: str | Path | None = None
+) -> Pipeline:
     """Load a model for generation.
 
     Args:
         path: an exported directory (``config.yaml`` + ``model.safetensors`` + tokenizer) or a Lightning
-            ``.ckpt`` written by ``scripts/train.py``; ``None`` loads the default model shipped in ``assets/``.
+            ``.ckpt`` written by ``mmgpt fit``; ``None`` loads the default model shipped in ``assets/``.
         map_location: device for the weights.
+        adapter: a LoRA adapter directory (peft's format) to put on the model at ``path``, merged into its
+            weights.
 
     Returns:
         A ``Pipeline`` with ``.generate(images, prompts, generation_config=None, **kwargs)``, ``.stream``,
@@ -457,11 +571,12 @@ def load(path: str | Path | None = None, map_location: str | torch.device = "cpu
         if not (DEFAULT_MODEL / CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"no default model in {DEFAULT_MODEL}. Train one with "
-                "`python scripts/train.py fit --config configs/shapes.yaml`, then export it with "
-                "`python scripts/export.py --ckpt CKPT --out assets/default_model`, or pass model=PATH"
+                "`mmgpt fit --config configs/shapes.yaml`, then export it with "
+                "`mmgpt export --ckpt CKPT --out assets/default_model`, or pass model=PATH"
             )
         path = DEFAULT_MODEL
-    return Pipeline.from_pretrained(path, map_location)
+    pipeline = Pipeline.from_pretrained(path, map_location)
+    return pipeline.load_adapter(adapter) if adapter is not None else pipeline
 
 
 @functools.cache

@@ -4,6 +4,7 @@
 
 Only a local file is read, with ``torch.load(weights_only=True)`` (a checkpoint cannot run code), and a model whose
 weights hold NaN or inf (a diverged run) is refused rather than exported. ``mmgpt.load(OUT)`` reads the result.
+A run trained with LoRA exports merged, or with ``--adapter-only`` as its adapter alone, in peft's format.
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt export") -> None:
     )
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `mmgpt fit` (a local file)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--adapter-only", action="store_true",
+        help="write only the LoRA adapter of a run trained with model.lora, as peft saves it (adapter_config.json + "
+        "adapter_model.safetensors), instead of the merged model; load it with mmgpt.load(BASE, adapter=OUT)",
+    )
     args = parser.parse_args(argv)
     try:
-        mmgpt.load(args.ckpt).save_pretrained(args.out)
+        if args.adapter_only:
+            from mmgpt.checkpoint import export_lora_adapter
+
+            export_lora_adapter(args.ckpt, args.out)
+        else:
+            mmgpt.load(args.ckpt).save_pretrained(args.out)
     except (ValueError, FileNotFoundError) as e:
         # What was wrong with which argument, without a traceback through the loader; exit status 2 as argparse's.
         parser.exit(2, f"{parser.prog}: error: --ckpt: {e}\n")

@@ -1,5 +1,6 @@
 """Generation: ``GenerationConfig``, the sampling functions, stop strings, the KV-cached decode state, greedy /
-sampled / streamed decoding (``engine``), beam search, and int8 weights for the decode step (``quantize``)."""
+sampled / streamed decoding (``engine``), beam search, the prompt-prefix KV cache a chat's turns share
+(``prefix_cache``), and int8 weights for the decode step (``quantize``)."""
 
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ _EXPORTS = {
     "GenerationConfig": "mmgpt.generation.config", "generate": "mmgpt.generation.engine",
     "stream_tokens": "mmgpt.generation.engine", "apply_repetition_penalty": "mmgpt.generation.sampling",
     "sample": "mmgpt.generation.sampling", "warp_logits": "mmgpt.generation.sampling",
-    "cut_at_stop_string": "mmgpt.generation.stopping",
+    "cut_at_stop_string": "mmgpt.generation.stopping", "PrefixCache": "mmgpt.generation.prefix_cache",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -18,5 +19,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from mmgpt.generation.config import GenerationConfig
     from mmgpt.generation.engine import generate, stream_tokens
+    from mmgpt.generation.prefix_cache import PrefixCache
     from mmgpt.generation.sampling import apply_repetition_penalty, sample, warp_logits
     from mmgpt.generation.stopping import cut_at_stop_string

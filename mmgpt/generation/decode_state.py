@@ -9,6 +9,9 @@ The KV cache is a buffer of the model's decoder, so a model decodes one batch at
 its model's lock from construction to ``close``, and every generation (``generate``, ``stream_tokens``, beam
 search, and the ``Pipeline`` calls built on them) runs inside one. Threads sharing a model therefore take turns,
 each getting exactly the tokens it would get alone.
+
+Given a ``PrefixCache`` (``mmgpt.generation.prefix_cache``), a one-row state prefills only what follows the longest
+cached prefix of its prompt, and on closing leaves a snapshot of its cache there for the next prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import weakref
 
 import torch
 
+from mmgpt.generation.prefix_cache import CachedPrefix, PrefixCache, image_starts, weights_key
 from mmgpt.models.attention import build_attention_mask
+from mmgpt.models.decoder import BaseDecoder
 from mmgpt.models.mmgpt import MMGPT
 
 
@@ -100,11 +105,14 @@ class DecodeState:
             more than the compile saves). The batch size stays static (the cache is a module buffer), so each
             batch size compiles once; the model keeps its compiled step for later calls.
         track_seen: keep which tokens each row has seen, for the repetition penalty.
+        prefix_cache: reuse and keep prompt prefixes there (see ``prefill``). Used for one unpadded row with the
+            KV cache on, causal attention and a decoder whose cache can be copied; ignored otherwise.
     """
 
     def __init__(
         self, model: MMGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
         use_cache: bool = True, compile: bool = False, track_seen: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         B, T = input_ids.shape
         device = input_ids.device
@@ -134,19 +142,42 @@ class DecodeState:
             counts = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.long, device=device)
             self.seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0  # (B, V)
         self.decode_mask = self.embeds = None
+        # What prefill ran the model over: slots [prefilled_from, T) (0 unless a cached prefix was loaded).
+        self.prefilled_from = 0
+        # Slots holding finished keys and values (the prompt after prefill, then one more per step), and the
+        # tokens fed after the prompt while the batch is the one prompt's row (None once it is not).
+        self.written, self.fed = 0, []
+        self.prefix_cache = prefix_cache if prefix_cache is not None and self._may_reuse(attention_mask) else None
+        self.weights_key = weights_key(self.decoder, device) if self.prefix_cache is not None else None
+        self.starts, self.image_embeds = (), None  # the prompt's image slots and embeddings, set by prefill
         # Last, after every check that can fail: from here on only close() lets go of the model.
         self.lock = _model_lock(self.decoder)
         self.lock.acquire()
         self.closed = False
 
+    def _may_reuse(self, attention_mask: torch.Tensor) -> bool:
+        """Whether a cached prefix's keys and values are exactly what this prefill would compute: one row without
+        padding (positions are slots), the KV cache on, causal attention (in a prefix-LM an earlier prompt token
+        sees later ones, so a longer prompt changes its keys), and a decoder that can copy its cache."""
+        return (
+            self.use_cache and self.input_ids.size(0) == 1 and self.prefix_end is None
+            and type(self.decoder).kv_cache_copy is not BaseDecoder.kv_cache_copy and bool(attention_mask.all())
+        )
+
     def prefill(self, images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompts (with their images) through the model; returns the next-token logits ``(B, V)``.
+
+        With a ``prefix_cache``, the longest usable cached prefix of the prompt (same token ids, same images in
+        the same slots, same weights) is loaded into the cache and only the slots after it are run, at their own
+        positions; ``prefilled_from`` says where that began.
 
         Args:
             images: ``(N, 3, H, W)`` for the ``<image>`` placeholders in order, or ``image_embeds``
                 ``(N, image_seq_len, n_embd)`` already encoded.
         """
         T = self.T
+        if self.prefix_cache is not None and image_embeds is None and images is not None:
+            image_embeds = self.model.encode_images(images)  # a cached prefix is matched on the embeddings
         x = self.model.embed(self.input_ids, images, image_embeds)  # (B, T, C)
         mask = build_attention_mask(self.key_valid[:, :T], self.slots[:T], self.prefix_end)  # (B, 1, T, T)
         if not self.use_cache:
@@ -158,13 +189,31 @@ class DecodeState:
         # Every decode step's query is the newest token, which sees every valid slot written so far: one mask row
         # serves all steps, sliced to the slots in use.
         self.decode_mask = _additive(build_attention_mask(self.key_valid, self.slots[-1:]), x.dtype)
-        return self.decoder(
-            inputs_embeds=x, input_pos=self.slots[:T], position_ids=self.position_ids[:, :T],
-            attn_mask=_additive(mask, x.dtype), logits_to_keep=1,
+        P = self._load_prefix(image_embeds) if self.prefix_cache is not None else 0
+        logits = self.decoder(
+            inputs_embeds=x[:, P:], input_pos=self.slots[P:T], position_ids=self.position_ids[:, P:T],
+            attn_mask=_additive(mask[:, :, P:], x.dtype), logits_to_keep=1,
         )[:, -1]  # (B, V)
+        self.prefilled_from, self.written = P, T
+        return logits
+
+    def _load_prefix(self, image_embeds: torch.Tensor | None) -> int:
+        """Load the longest usable cached prefix of the prompt into the fresh cache; returns its length (0: none)."""
+        ids = self.input_ids[0].cpu()
+        config = self.model.config
+        self.starts = image_starts(ids, config.image_token_id, self.model.image_seq_len)
+        self.image_embeds = image_embeds
+        hit = self.prefix_cache.lookup(self.weights_key, ids, self.starts, image_embeds)
+        if hit is None:
+            return 0
+        entry, P = hit
+        self.decoder.kv_cache_load(entry.kv, P)
+        return P
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep / repeat / reorder batch rows (``rows`` index the current rows)."""
+        if rows.numel() != 1:
+            self.fed = None  # the rows now hold several continuations: only the prompt is common to them
         self.key_valid, self.position_ids = self.key_valid[rows], self.position_ids[rows]
         if self.seen is not None:
             self.seen = self.seen[rows]
@@ -193,10 +242,27 @@ class DecodeState:
             if self.compile and self.lock.compiled_step is None:
                 self.lock.compiled_step = torch.compile(decode_step, dynamic=True)
             self.step_fn = self.lock.compiled_step if self.compile else decode_step
-        return self.step_fn(
+        logits = self.step_fn(
             self.decoder, tokens, self.slots[pos : pos + 1], self.position_ids[:, pos : pos + 1],
             self.decode_mask[..., : pos + 1],
         )
+        if self.fed is not None and self.written == pos:
+            self.fed.append(tokens[:1])  # a tensor: reading its value would wait for the device every step
+            self.written = pos + 1
+        return logits
+
+    def _store_prefix(self) -> None:
+        """Leave row 0's finished slots in the prefix cache: the prompt, and the tokens fed after it while the
+        batch was that one row (with several samples per prompt, their common prompt only)."""
+        fed = self.fed or []
+        kv = self.decoder.kv_cache_copy(self.T + len(fed))
+        if kv is None:
+            return
+        ids = self.input_ids[0].cpu()
+        if fed:
+            ids = torch.cat([ids, torch.cat(fed).cpu()])
+        embeds = None if self.image_embeds is None else self.image_embeds.detach().clone()
+        self.prefix_cache.store(CachedPrefix(self.weights_key, ids, self.T, self.starts, embeds, kv))
 
     def close(self) -> None:
         if self.closed:  # a with block after an explicit close(), or a generator closed twice
@@ -204,7 +270,11 @@ class DecodeState:
         self.closed = True
         try:
             if self.use_cache:
-                self.decoder.clear_kv_cache()
+                try:
+                    if self.prefix_cache is not None and self.written:
+                        self._store_prefix()
+                finally:
+                    self.decoder.clear_kv_cache()
         finally:
             self.lock.release()
 

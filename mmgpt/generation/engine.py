@@ -11,6 +11,8 @@ A row stops at an ``eos_token_id`` (one id or several) or at a stop string, and 
 cache, the positions and the mask drop it, so finished rows cost nothing in later steps. Several prompts about one
 image take ``image_embeds`` (``model.encode_images``) to encode it once; ``num_return_sequences`` and beams
 prefill a prompt once and copy its cache. ``compile=True`` runs the decode step through ``torch.compile``.
+``prefix_cache=`` (a ``PrefixCache``) lets a one-row prompt reuse the KV cache of an earlier prompt it starts with,
+as a chat's next turn does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from mmgpt.generation.beam_search import beam_search
 from mmgpt.generation.config import GenerationConfig
 from mmgpt.generation.decode_state import DecodeState
+from mmgpt.generation.prefix_cache import PrefixCache
 from mmgpt.generation.sampling import apply_repetition_penalty, sample
 from mmgpt.generation.stopping import StopStrings
 from mmgpt.models.mmgpt import MMGPT
@@ -49,8 +52,9 @@ def stream_tokens(
 
     Args:
         model, input_ids, attention_mask, images: as ``generate``.
-        **kwargs: as ``generate``: ``image_embeds``, ``generation_config``, ``generator``, ``tokenizer`` and any
-            ``GenerationConfig`` field (no beam search: its best sequence is only known at the end).
+        **kwargs: as ``generate``: ``image_embeds``, ``generation_config``, ``generator``, ``tokenizer``,
+            ``prefix_cache`` and any ``GenerationConfig`` field (no beam search: its best sequence is only known at
+            the end).
 
     Yields:
         Per step, ``(rows, tokens)``: the output rows (of ``B * num_return_sequences``, grouped per prompt)
@@ -60,10 +64,12 @@ def stream_tokens(
     From the first step until the iterator is exhausted, closed or raises, it holds the model (see ``generate``):
     close an iterator you do not finish.
     """
-    image_embeds, config, generator, tokenizer = _call_options(**kwargs)
+    image_embeds, config, generator, tokenizer, prefix_cache = _call_options(**kwargs)
     if config.num_beams > 1:
         raise ValueError("stream_tokens writes tokens as they come: num_beams must be 1 (use generate for beams)")
-    yield from _stream(model, input_ids, attention_mask, images, image_embeds, config, generator, tokenizer)
+    yield from _stream(
+        model, input_ids, attention_mask, images, image_embeds, config, generator, tokenizer, prefix_cache
+    )
 
 
 def _call_options(
@@ -71,15 +77,18 @@ def _call_options(
     generation_config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    prefix_cache: PrefixCache | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor | None, GenerationConfig, torch.Generator | None, PreTrainedTokenizerBase | None]:
-    return image_embeds, resolve_generation_config(generation_config, **kwargs), generator, tokenizer
+) -> tuple[
+    torch.Tensor | None, GenerationConfig, torch.Generator | None, PreTrainedTokenizerBase | None, PrefixCache | None
+]:
+    return image_embeds, resolve_generation_config(generation_config, **kwargs), generator, tokenizer, prefix_cache
 
 
 def _stream(
     model: MMGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: torch.Tensor | None,
     image_embeds: torch.Tensor | None, config: GenerationConfig, generator: torch.Generator | None,
-    tokenizer: PreTrainedTokenizerBase | None,
+    tokenizer: PreTrainedTokenizerBase | None, prefix_cache: PrefixCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     N, n = config.max_new_tokens, config.num_return_sequences
     eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=input_ids.device)
@@ -88,7 +97,7 @@ def _stream(
         return
     with DecodeState(
         model, input_ids, attention_mask, N, config.use_cache, config.compile,
-        track_seen=config.repetition_penalty != 1.0,
+        track_seen=config.repetition_penalty != 1.0, prefix_cache=prefix_cache,
     ) as state:
         logits = state.prefill(images, image_embeds)
         # One prefill per prompt; its cache is then copied to the prompt's num_return_sequences rows.
@@ -143,6 +152,7 @@ def generate(
     generation_config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    prefix_cache: PrefixCache | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Generate continuations for a left-padded batch.
@@ -159,6 +169,8 @@ def generate(
         generation_config: how to decode (default ``GenerationConfig()``: greedy, 32 new tokens).
         generator: a seeded ``torch.Generator`` for reproducible sampling.
         tokenizer: decodes the output for ``stop_strings``.
+        prefix_cache: a ``PrefixCache``: a one-row prompt (no padding) prefills only what follows its longest
+            cached prefix, and leaves its own cache there (``mmgpt.generation.prefix_cache``). Not with beams.
         **kwargs: any ``GenerationConfig`` field, overriding ``generation_config``'s (``max_new_tokens=8``,
             ``do_sample=True``, ...); anything else is a ``TypeError`` naming it.
 
@@ -174,7 +186,9 @@ def generate(
     B = input_ids.size(0)
     out = torch.full((B * config.num_return_sequences, config.max_new_tokens), pad, dtype=torch.long,
                      device=input_ids.device)
-    steps = _stream(model, input_ids, attention_mask, images, image_embeds, config, generator, tokenizer)
+    steps = _stream(
+        model, input_ids, attention_mask, images, image_embeds, config, generator, tokenizer, prefix_cache
+    )
     # Closed however the loop ends (an interrupt included), so the model's KV cache and lock are freed at once.
     with contextlib.closing(steps):
         for step, (rows, tokens) in enumerate(steps):

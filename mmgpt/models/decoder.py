@@ -161,8 +161,9 @@ class Block(nn.Module):
 
 class BaseDecoder(nn.Module):
     """What every decoder offers the rest of mmgpt: ``wte``, ``forward`` returning logits, and a KV cache
-    (``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``). The native ``Decoder`` and ``HFDecoder``
-    implement ``decode``; the splice, the loss and the whole generation engine work with either."""
+    (``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``, and ``kv_cache_copy`` / ``kv_cache_load`` for a
+    prompt prefix reused by the next prompt). The native ``Decoder`` and ``HFDecoder`` implement ``decode``; the
+    splice, the loss and the whole generation engine work with either."""
 
     wte: nn.Module
 
@@ -211,6 +212,17 @@ class BaseDecoder(nn.Module):
     ) -> torch.Tensor:
         """``forward`` on embeddings ``x`` ``(B, T, n_embd)`` with ``position_ids`` filled in."""
         raise NotImplementedError
+
+    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """A copy of row 0's keys and values in the first ``length`` cache slots, per layer ``(k, v)`` each
+        ``(1, n_query_groups, length, head_size)`` (HF's legacy cache layout); ``None`` where this decoder's cache
+        cannot be copied and loaded back (then generations never reuse a prompt prefix)."""
+        return None
+
+    def kv_cache_load(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
+        """Write the first ``length`` slots of ``kv`` (from ``kv_cache_copy``) into every row of a freshly set up
+        cache, as if a prefill had just written them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a copied KV cache")
 
 
 class Decoder(BaseDecoder):
@@ -277,6 +289,18 @@ class Decoder(BaseDecoder):
         """Keep, repeat or reorder the cache's batch rows (see ``KVCache.select``)."""
         for block in self.h:
             block.attn.kv_cache.select(rows)
+
+    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(
+            (block.attn.kv_cache.k[:1, :, :length].clone(), block.attn.kv_cache.v[:1, :, :length].clone())
+            for block in self.h
+        )
+
+    def kv_cache_load(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
+        for block, (k, v) in zip(self.h, kv, strict=True):
+            cache = block.attn.kv_cache
+            cache.k[:, :, :length] = k[:, :, :length]  # (B, ng, length, hs), row 0 broadcast to every row
+            cache.v[:, :, :length] = v[:, :, :length]
 
     @property
     def kv_cache_length(self) -> int:

@@ -5,7 +5,8 @@ attn_mask, logits_to_keep)``, ``set_kv_cache`` / ``kv_cache_select`` / ``clear_k
 loss and the whole generation engine (left padding, sampling, beams, streaming) work unchanged on Llama, Qwen2,
 GPT-2 or any other ``AutoModelForCausalLM``. Masks still come from ``build_attention_mask``: HF models take a
 prepared 4-D mask as it is. The KV cache is HF's ``DynamicCache``; its ``reorder_cache`` keeps, repeats or
-reorders rows just like the native cache's ``select``.
+reorders rows just like the native cache's ``select``, and a prompt prefix is copied out of it and back in (a chat's
+earlier turns, ``mmgpt.generation.prefix_cache``) where every layer is a plain full-attention ``DynamicLayer``.
 
 For a Llama-family LM, ``decoder.backend="native"`` converts the weights into the native decoder instead
 (``mmgpt.convert.hf_llama``), which decodes faster; this path is for everything else and for using a checkpoint as
@@ -46,6 +47,7 @@ class HFDecoder(BaseDecoder):
         if self.model.get_input_embeddings().num_embeddings != config.vocab_size:
             self.model.resize_token_embeddings(config.vocab_size, mean_resizing=False)  # weights come later
         self.cache = None
+        self.cache_rows = 0  # the batch size the cache was set up for
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass it under the name it knows.
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -62,12 +64,31 @@ class HFDecoder(BaseDecoder):
         # A DynamicCache grows as it is written; slots are always filled in order, so its length is the number
         # of slots written, which is what the masks from build_attention_mask cover.
         self.cache = DynamicCache(config=self.model.config)
+        self.cache_rows = batch_size
 
     def clear_kv_cache(self) -> None:
         self.cache = None
 
     def kv_cache_select(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
+
+    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        # Only plain full-attention layers hold every slot as written: a sliding-window layer keeps the last
+        # window only, and recurrent or shared layers hold other states.
+        if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+            return None
+        return tuple(
+            (layer.keys[:1, :, :length].clone(), layer.values[:1, :, :length].clone()) for layer in layers
+        )
+
+    def kv_cache_load(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
+        rows = self.cache_rows
+        for i, (k, v) in enumerate(kv):
+            # A DynamicCache grows by concatenation: the prefix goes in as the first `length` slots written.
+            self.cache.update(k[:, :, :length].expand(rows, -1, -1, -1), v[:, :, :length].expand(rows, -1, -1, -1), i)
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -336,6 +336,30 @@ def test_adapter_exported_from_a_training_checkpoint_reproduces_the_merged_model
         torch.testing.assert_close(base(IDS), merged(IDS), atol=1e-5, rtol=1e-5)
 
 
+def test_export_adapter_only_command_and_load_with_adapter(module, tokenizer, tmp_path):
+    """`mmgpt export --adapter-only` writes the adapter; `mmgpt.load(BASE, adapter=DIR)` equals the merged export."""
+    from mmgpt.commands.export import main as export_main
+
+    m = module(freeze_vision=True, freeze_projector=True, lora=LORA, lr=1e-2)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(m, datamodule=tiny_data(m))
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "adapter"), "--adapter-only"])
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+    # The base the run started from (same seed; training moved only the adapters), saved as a model directory.
+    save_exported(module().model.eval(), tokenizer, tmp_path / "base")
+    adapted = mmgpt.load(tmp_path / "base", adapter=tmp_path / "adapter").model
+    assert not has_lora(adapted.decoder)  # merged: plain layers
+    base = mmgpt.load(tmp_path / "base").model
+    merged = mmgpt.load(ckpt).model
+    with torch.no_grad():
+        assert not torch.allclose(base(IDS), merged(IDS), atol=1e-4)
+        torch.testing.assert_close(adapted(IDS), merged(IDS), atol=1e-5, rtol=1e-5)
+
+
 def test_a_run_without_lora_has_no_adapter_to_export(trained, tmp_path):
     _, ckpt = trained
     with pytest.raises(ValueError, match=f"{ckpt}: this run did not train LoRA adapters"):
