@@ -1,0 +1,184 @@
+"""Bad requests to ``mmgpt serve``: each is a 4xx with OpenAI's error JSON naming the field at fault, never a 500 or
+a dropped connection, and the server goes on answering."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import pytest
+from live_server import EXAMPLES, MODEL_NAME, data_url, expected, running, text_message
+from PIL import Image
+
+pytest.importorskip("fastapi")
+
+MAX_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running(max_request_bytes=MAX_BYTES) as s:
+        yield s
+
+
+def _image_part(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def _png(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", size).save(buffer, format="PNG")  # one colour: a few KB whatever the size
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _truncated() -> str:
+    head, payload = data_url().split(",")
+    return f"{head},{payload[: len(payload) // 8 * 4]}"  # the first half, still valid base64
+
+
+HI = text_message("hi")
+IMAGE = "messages[0].content[1].image_url"
+# (what is wrong, request fields, the param the error must name)
+BAD = [
+    ("bad base64", dict(messages=_image_part("data:image/png;base64,iVBORw0K$$$notbase64")), IMAGE),
+    ("text file as image", dict(messages=_image_part(
+        "data:image/png;base64," + base64.b64encode((EXAMPLES / "examples.json").read_bytes()).decode())), IMAGE),
+    ("truncated image", dict(messages=_image_part(_truncated())), IMAGE),
+    ("not an image media type", dict(messages=_image_part("data:text/plain;base64,aGVsbG8=")), IMAGE),
+    ("data URL not base64", dict(messages=_image_part("data:image/png,rawbytes")), IMAGE),
+    ("image bomb", dict(messages=_image_part(_png((5000, 5000)))), IMAGE),
+    ("http URL", dict(messages=_image_part("https://example.com/cat.png")), IMAGE),
+    ("local path without the flag", dict(messages=_image_part(str(EXAMPLES / "0.png"))), IMAGE),
+    ("file URL without the flag", dict(messages=_image_part((EXAMPLES / "0.png").as_uri())), IMAGE),
+    ("other URL scheme", dict(messages=_image_part("ftp://example.com/cat.png")), IMAGE),
+    ("image_url not an object", dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]), "messages[0].content[0].image_url"),
+    ("image in an assistant turn", dict(messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url()}}]},
+        {"role": "user", "content": "again"}]), "messages[1].content[0]"),
+    ("prompt too long", dict(messages=text_message("circle square " * 200)), "messages"),
+    ("too many images", dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url()}}] * 20}]), "messages"),
+    ("max_tokens past the context", dict(messages=HI, max_tokens=1000), "max_tokens"),
+    ("max_completion_tokens past the context", dict(messages=HI, max_completion_tokens=1000),
+     "max_completion_tokens"),
+    ("max_tokens 0", dict(messages=HI, max_tokens=0), "max_tokens"),
+    ("max_tokens a string", dict(messages=HI, max_tokens="5"), "max_tokens"),
+    ("temperature -1", dict(messages=HI, temperature=-1), "temperature"),
+    ("temperature 3", dict(messages=HI, temperature=3), "temperature"),
+    ("temperature a string", dict(messages=HI, temperature="0.5"), "temperature"),
+    ("top_p 0", dict(messages=HI, top_p=0), "top_p"),
+    ("top_p 1.5", dict(messages=HI, top_p=1.5), "top_p"),
+    ("n 0", dict(messages=HI, n=0), "n"),
+    ("n over the batch size", dict(messages=HI, n=1000), "n"),
+    ("stream not a bool", dict(messages=HI, stream="yes"), "stream"),
+    ("stream_options without stream", dict(messages=HI, stream_options={"include_usage": True}), "stream_options"),
+    ("stream_options unknown", dict(messages=HI, stream=True, stream_options={"x": 1}), "stream_options.x"),
+    ("stop not strings", dict(messages=HI, stop=[1]), "stop"),
+    ("too many stop strings", dict(messages=HI, stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("empty stop string", dict(messages=HI, stop=""), "stop"),
+    ("seed a float", dict(messages=HI, seed=1.5), "seed"),
+    ("unknown role", dict(messages=[{"role": "bot", "content": "hi"}]), "messages[0].role"),
+    ("tool role", dict(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), "messages[0].role"),
+    ("tool calls", dict(messages=[*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+                                  *HI]), "messages[1].tool_calls"),
+    ("content null", dict(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+    ("content a number", dict(messages=[{"role": "user", "content": 3}]), "messages[0].content"),
+    ("part type", dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+     "messages[0].content[0].type"),
+    ("text part not a string", dict(messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}]),
+     "messages[0].content[0].text"),
+    ("image marker in text", dict(messages=text_message("look: <image>")), "messages[0].content"),
+    ("image marker in a text part", dict(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "<image>"}]}]), "messages[0].content[0].text"),
+    ("last turn the assistant's", dict(messages=[*HI, {"role": "assistant", "content": "hello"}]), "messages[1]"),
+    ("message not an object", dict(messages=["hi"]), "messages[0]"),
+    ("messages empty", dict(messages=[]), "messages"),
+    ("messages not a list", dict(messages="hi"), "messages"),
+    ("messages missing", dict(temperature=0), "messages"),
+    ("lone surrogate", dict(messages=text_message("\ud800")), "messages[0].content"),
+    ("tools", dict(messages=HI, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    ("logprobs", dict(messages=HI, logprobs=True), "logprobs"),
+    ("response_format json", dict(messages=HI, response_format={"type": "json_object"}), "response_format"),
+    ("presence_penalty", dict(messages=HI, presence_penalty=0.5), "presence_penalty"),
+    ("unknown field", dict(messages=HI, temprature=0.5), "temprature"),
+]
+
+
+def _post(server, body: bytes | dict, **kwargs) -> httpx.Response:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=60, **kwargs)
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize(("what", "fields", "param"), BAD, ids=[b[0] for b in BAD])
+def test_bad_request_names_the_field(server, what, fields, param):
+    error = _error(_post(server, {"model": MODEL_NAME, **fields}), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error["message"]
+
+
+def test_context_errors_say_so(server):
+    error = _error(_post(server, {"messages": text_message("circle square " * 200)}), 400)
+    assert error["code"] == "context_length_exceeded" and "128" in error["message"]
+
+
+def test_accepted_defaults_and_metadata(server):
+    fields = dict(
+        tools=[], tool_choice="none", logprobs=False, frequency_penalty=0, presence_penalty=0.0, user="someone",
+        response_format={"type": "text"}, metadata={"k": "v"}, store=False, parallel_tool_calls=True,
+        stream_options=None, n=1, top_p=1, seed=None, stop=None,
+    )
+    r = _post(server, {"model": MODEL_NAME, "messages": HI, "temperature": 0, **fields})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected(HI)[0]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"], ids=repr)
+def test_bad_json(server, body):
+    error = _error(_post(server, body), 400)
+    assert error["param"] is None
+
+
+def test_no_content_type(server):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{bad", timeout=60)
+    assert _error(r, 400)["param"] is None
+
+
+def test_an_oversize_body_is_refused_before_it_is_read(server):
+    big = {"messages": text_message("x" * (MAX_BYTES + 10))}
+    error = _error(_post(server, big), 413)
+    assert f"{MAX_BYTES:,}" in error["message"]
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 8192):
+            yield data[i : i + 8192]
+
+    _error(_post(server, chunks()), 413)
+    assert _post(server, {"messages": HI, "temperature": 0}).status_code == 200
+
+
+def test_not_found_and_wrong_method(server):
+    error = _error(httpx.get(f"{server.url}/v1/nothing"), 404)
+    assert "/v1/nothing" in error["message"]
+    _error(httpx.get(f"{server.url}/v1/chat/completions"), 405)
+    assert _error(httpx.get(f"{server.url}/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
+
+
+def test_the_server_still_answers(server):
+    for _, fields, _ in BAD[:10]:
+        _post(server, fields)
+    r = _post(server, {"messages": HI, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected(HI)[0]
