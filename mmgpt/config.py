@@ -54,6 +54,15 @@ class VisionConfig:
     # CNN: a stage; ResNet/EfficientNet have 5 (strides 2, 4, 8, 16, 32), so -2 is the stride-16 map and -1
     # the deepest, stride-32 one (fewer, wider tokens).
     feature_layer: int = -2
+    # Run the backbone's final norm over the features of feature_layer (timm's forward_intermediates(norm=True)).
+    # SigLIP towers as Idefics3/SmolVLM use them hand the connector their post-LayerNorm output; LLaVA's CLIP
+    # feature layer is an un-normalized block output, and CNN stages have no final norm.
+    final_norm: bool = False
+    # Split each picture into img_size tiles plus a downscaled global view, as Idefics3/SmolVLM do: the fields of
+    # mmgpt.models.image_tiling.TilingImageProcessor but tile_size, which is img_size (longest_edge,
+    # do_image_splitting, mean, std, resample, backend, ...). A picture then takes rows * cols + 1 images, each
+    # image_seq_len tokens. None: the whole picture is resized to one img_size square.
+    tiling: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,8 +72,13 @@ class ProjectorConfig:
     # Pixel-shuffle factor r: merges r x r neighbouring patches into one token (r^2 fewer image tokens, as
     # SmolVLM); 1 disables it.
     pixel_shuffle: int = 1
-    # Hidden width of the 2-layer GELU MLP (LLaVA-1.5); None uses the decoder width.
+    # Linear layers after the pixel shuffle: 2 is LLaVA-1.5's Linear-GELU-Linear MLP, 1 a single Linear (the
+    # connector of Idefics3/SmolVLM, whose pixel shuffle already hands it r^2-wide tokens).
+    mlp_depth: int = 2
+    # Hidden width of the 2-layer GELU MLP (LLaVA-1.5); None uses the decoder width. Not used with mlp_depth=1.
     hidden_dim: int | None = None
+    # Biases in those Linear layers (Idefics3/SmolVLM's connector has none).
+    bias: bool = True
     # LayerNorm on the patch features before the MLP (as Qwen2-VL's merger). Intermediate ViT features are
     # un-normalized; from-scratch towers drift in scale, and the decoder then learns to ignore them.
     input_norm: bool = True

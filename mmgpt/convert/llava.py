@@ -32,7 +32,6 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
-from timm.layers.activations import GELU, GELUTanh, QuickGELU
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mmgpt.config import MMGPTConfig, ProjectorConfig, VisionConfig
@@ -43,6 +42,14 @@ from mmgpt.convert.hf_llama import (
     to_hf_llama_config,
     to_hf_llama_state_dict,
 )
+from mmgpt.convert.vit_weights import (
+    CLIP_LAYOUT,
+    HF_ACT_TO_TIMM,
+    timm_act_to_hf,
+    timm_mlp_ratio,
+    vit_from_hf,
+    vit_to_hf,
+)
 from mmgpt.models.mmgpt import MMGPT
 
 # The timm architecture every CLIP tower is built from: pre-norm, no patch-embedding bias, CLS token,
@@ -50,10 +57,8 @@ from mmgpt.models.mmgpt import MMGPT
 # only picks the family (and timm's data config: OpenAI CLIP mean/std, as CLIP's image processor).
 TIMM_CLIP = "vit_base_patch16_clip_224"
 TIMM_CLIP_LN_EPS = 1e-5  # what timm's vit_*_clip_* models build; a config with another eps cannot be matched
-# HF CLIP hidden_act -> timm act_layer. gelu_new is the tanh approximation written out (same function).
-CLIP_ACT_TO_TIMM = {
-    "quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-}
+# HF CLIP hidden_act -> timm act_layer (shared by every CLIP-family tower, mmgpt.convert.vit_weights).
+CLIP_ACT_TO_TIMM = HF_ACT_TO_TIMM
 
 # Checkpoint key layouts in the wild all reduce to three groups: transformers < 4.52 writes
 # ``language_model.model.*``, ``language_model.lm_head.*`` and ``vision_tower.vision_model.*``; 4.52-4.57 write
@@ -130,8 +135,8 @@ def mmgpt_config_from_llava(llava_config) -> MMGPTConfig:
     if vc.image_size % vc.patch_size:
         problems.append(f"vision_config.image_size={vc.image_size} is not a multiple of patch_size={vc.patch_size}")
     # timm sizes the MLP as int(embed_dim * mlp_ratio): the ratio must give back the exact width.
-    mlp_ratio = vc.intermediate_size / vc.hidden_size
-    if int(vc.hidden_size * mlp_ratio) != vc.intermediate_size:
+    mlp_ratio = timm_mlp_ratio(vc.hidden_size, vc.intermediate_size)
+    if mlp_ratio is None:
         problems.append(f"vision_config.intermediate_size={vc.intermediate_size} is not reachable as a timm mlp_ratio")
     try:
         feature_layer = _feature_layer_from_hf(llava_config.vision_feature_layer, vc.num_hidden_layers)
@@ -165,16 +170,6 @@ def mmgpt_config_from_llava(llava_config) -> MMGPTConfig:
     )
 
 
-def _timm_act_to_hf(act: nn.Module) -> str | None:
-    if isinstance(act, QuickGELU):
-        return "quick_gelu"
-    if isinstance(act, GELU) or (isinstance(act, nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    if isinstance(act, GELUTanh) or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
-        return "gelu_pytorch_tanh"
-    return None
-
-
 def _export_problems(model: MMGPT) -> list[str]:
     """Everything about ``model`` that a LLaVA (CLIP + GELU MLP + Llama) cannot express."""
     problems = []
@@ -185,8 +180,14 @@ def _export_problems(model: MMGPT) -> list[str]:
         problems.append(f"projector.pixel_shuffle={pc.pixel_shuffle} (LLaVA has none: expected 1)")
     if pc.pos_embed:
         problems.append("projector.pos_embed=True (LLaVA's projector has no slot embedding)")
+    if pc.mlp_depth != 2:
+        problems.append(f"projector.mlp_depth={pc.mlp_depth} (LLaVA's projector is a 2-layer MLP)")
+    if not pc.bias:
+        problems.append("projector.bias=False (expected the biases LLaVA's projector saves)")
     if pc.hidden_dim not in (None, dc.n_embd):
         problems.append(f"projector.hidden_dim={pc.hidden_dim} (LLaVA's is the decoder width {dc.n_embd})")
+    if model.config.vision.final_norm:
+        problems.append("vision.final_norm=True (LLaVA's features skip the tower's final norm)")
     # An HF decoder (decoder.hf_path / hf_config) has its own layout; only the native Llama-style one converts.
     if dc.backend == "hf":
         problems.append("decoder.hf_path/hf_config: a transformers decoder (expected mmgpt's native decoder)")
@@ -226,9 +227,9 @@ def _export_problems(model: MMGPT) -> list[str]:
             problems.append(f"{where}: expected LayerNorms with the embedding norm's eps={eps}")
         if attn.qkv.out_features != 3 * vit.embed_dim:
             problems.append(f"{where}: CLIP's attention width is the embedding width {vit.embed_dim}")
-        if type(mlp) is not Mlp or _timm_act_to_hf(mlp.act) is None:
+        if type(mlp) is not Mlp or timm_act_to_hf(mlp.act) is None:
             problems.append(f"{where}: expected a 2-layer MLP (timm Mlp) with GELU, tanh-GELU or QuickGELU")
-        elif _timm_act_to_hf(mlp.act) != _timm_act_to_hf(vit.blocks[0].mlp.act):
+        elif timm_act_to_hf(mlp.act) != timm_act_to_hf(vit.blocks[0].mlp.act):
             problems.append(f"{where}: a different activation than block 0")
     return problems
 
@@ -259,7 +260,7 @@ def llava_config_from_mmgpt(model: MMGPT):
         num_channels=3,
         image_size=vit.patch_embed.img_size[0],
         patch_size=vit.patch_embed.patch_size[0],
-        hidden_act=_timm_act_to_hf(block.mlp.act),
+        hidden_act=timm_act_to_hf(block.mlp.act),
         layer_norm_eps=vit.norm_pre.eps,
     )
     dc = model.config.decoder
@@ -288,25 +289,7 @@ def _clip_from_hf(hf: dict[str, torch.Tensor], n_blocks: int, where: str) -> dic
     Every tensor must find a place, except those that never reach LLaVA's logits: the layers after the feature
     layer, CLIP's pooled-output norm, and buffers older transformers saved.
     """
-    hf = dict(hf)  # popped as used
-    out = {
-        "cls_token": hf.pop("embeddings.class_embedding").reshape(1, 1, -1),  # (1, 1, D)
-        # (1, 1 + N, D): both put the CLS position first, then the patches in row-major order.
-        "pos_embed": hf.pop("embeddings.position_embedding.weight").unsqueeze(0),
-        "patch_embed.proj.weight": hf.pop("embeddings.patch_embedding.weight"),  # (D, 3, p, p)
-        "norm_pre.weight": hf.pop("pre_layrnorm.weight"),
-        "norm_pre.bias": hf.pop("pre_layrnorm.bias"),
-    }
-    for i in range(n_blocks):
-        h, b = f"encoder.layers.{i}.", f"blocks.{i}."
-        for x in ("weight", "bias"):
-            # timm fuses q, k, v into one matmul, in that order: (3D, D).
-            out[b + f"attn.qkv.{x}"] = torch.cat([hf.pop(h + f"self_attn.{n}_proj.{x}") for n in "qkv"])
-            out[b + f"attn.proj.{x}"] = hf.pop(h + f"self_attn.out_proj.{x}")
-            out[b + f"norm1.{x}"] = hf.pop(h + f"layer_norm1.{x}")
-            out[b + f"norm2.{x}"] = hf.pop(h + f"layer_norm2.{x}")
-            out[b + f"mlp.fc1.{x}"] = hf.pop(h + f"mlp.fc1.{x}")
-            out[b + f"mlp.fc2.{x}"] = hf.pop(h + f"mlp.fc2.{x}")
+    out, hf = vit_from_hf(hf, n_blocks, CLIP_LAYOUT)
     later = re.compile(r"^encoder\.layers\.(\d+)\.")
     left = [k for k in hf if not _UNUSED.match(k) and not ((m := later.match(k)) and int(m.group(1)) >= n_blocks)]
     if left:
@@ -316,35 +299,13 @@ def _clip_from_hf(hf: dict[str, torch.Tensor], n_blocks: int, where: str) -> dic
 
 def _clip_to_hf(sd: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
     """timm ViT state dict -> HF CLIP vision tensors (keys relative to the vision model)."""
-    sd = dict(sd)  # popped as used, so that a tensor CLIP has no place for is found, not silently dropped
-    dim = sd["cls_token"].size(-1)
-    norm_w = sd["norm_pre.weight"]
-    out = {
-        "embeddings.class_embedding": sd.pop("cls_token").reshape(dim),
-        "embeddings.position_embedding.weight": sd.pop("pos_embed")[0],
-        "embeddings.patch_embedding.weight": sd.pop("patch_embed.proj.weight"),
-        "pre_layrnorm.weight": sd.pop("norm_pre.weight"),
-        "pre_layrnorm.bias": sd.pop("norm_pre.bias"),
-        # Not part of mmgpt (pruned) and not on LLaVA's path (it normalizes CLIP's pooled output only).
-        "post_layernorm.weight": torch.ones_like(norm_w),
-        "post_layernorm.bias": torch.zeros_like(norm_w),
-    }
-    for i in range(n_blocks):
-        h, b = f"encoder.layers.{i}.", f"blocks.{i}."
-        qkv_w = sd.pop(b + "attn.qkv.weight")
-        # A ViT built with qkv_bias=False has none; zeros are the same function.
-        qkv_b = sd.pop(b + "attn.qkv.bias", None)
-        qkv_b = torch.zeros(qkv_w.size(0), dtype=qkv_w.dtype, device=qkv_w.device) if qkv_b is None else qkv_b
-        for n, w, bias in zip("qkv", qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
-            out[h + f"self_attn.{n}_proj.weight"], out[h + f"self_attn.{n}_proj.bias"] = w, bias
-        for x in ("weight", "bias"):
-            out[h + f"self_attn.out_proj.{x}"] = sd.pop(b + f"attn.proj.{x}")
-            out[h + f"layer_norm1.{x}"] = sd.pop(b + f"norm1.{x}")
-            out[h + f"layer_norm2.{x}"] = sd.pop(b + f"norm2.{x}")
-            out[h + f"mlp.fc1.{x}"] = sd.pop(b + f"mlp.fc1.{x}")
-            out[h + f"mlp.fc2.{x}"] = sd.pop(b + f"mlp.fc2.{x}")
-    if sd:
-        raise ValueError(f"the vision tower has tensors CLIP has no place for: {sorted(sd)}")
+    out, left = vit_to_hf(sd, n_blocks)
+    if left:
+        raise ValueError(f"the vision tower has tensors CLIP has no place for: {sorted(left)}")
+    norm_w = out["pre_layrnorm.weight"]
+    # Not part of mmgpt (pruned) and not on LLaVA's path (it normalizes CLIP's pooled output only).
+    out["post_layernorm.weight"] = torch.ones_like(norm_w)
+    out["post_layernorm.bias"] = torch.zeros_like(norm_w)
     return out
 
 

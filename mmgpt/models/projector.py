@@ -27,7 +27,8 @@ def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tenso
 
 
 class Projector(nn.Module):
-    """Optional pixel shuffle, then LLaVA-1.5's 2-layer GELU MLP, plus an optional learned slot embedding."""
+    """Optional pixel shuffle, then LLaVA-1.5's 2-layer GELU MLP (or a single Linear, as the connector of
+    Idefics3/SmolVLM), plus an optional learned slot embedding."""
 
     def __init__(self, config: ProjectorConfig, vision_dim: int, grid_size: tuple[int, int], out_dim: int) -> None:
         super().__init__()
@@ -39,18 +40,33 @@ class Projector(nn.Module):
                 f"projector.pixel_shuffle={r} does not divide the vision patch grid {grid_size[0]}x{grid_size[1]}; "
                 f"choose a factor of both sides, or change vision.img_size / vision.patch_size"
             )
+        if config.mlp_depth not in (1, 2):
+            raise ValueError(
+                f"projector.mlp_depth must be 1 (one Linear) or 2 (Linear-GELU-Linear), got {config.mlp_depth}"
+            )
+        if config.mlp_depth == 1 and config.hidden_dim is not None:
+            raise ValueError(
+                f"projector.hidden_dim={config.hidden_dim} sizes the hidden layer of a 2-layer MLP, and "
+                f"projector.mlp_depth=1 has none: set hidden_dim to null"
+            )
         self.config, self.grid_size = config, grid_size
         self.num_tokens = (grid_size[0] // r) * (grid_size[1] // r)
-        hidden = config.hidden_dim or out_dim
         self.norm = nn.LayerNorm(vision_dim) if config.input_norm else nn.Identity()
-        self.mlp = nn.Sequential(
-            nn.Linear(vision_dim * r * r, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
-        )
+        if config.mlp_depth == 1:
+            self.mlp = nn.Sequential(nn.Linear(vision_dim * r * r, out_dim, bias=config.bias))
+        else:
+            hidden = config.hidden_dim or out_dim
+            self.mlp = nn.Sequential(
+                nn.Linear(vision_dim * r * r, hidden, bias=config.bias), nn.GELU(),
+                nn.Linear(hidden, out_dim, bias=config.bias),
+            )
         # The output layer gets the decoder's init scale (std 0.02), so image tokens start at the size of word
         # embeddings instead of ~25x larger. The first layer keeps PyTorch's fan-in init: with both layers
         # that small, each one's gradient is scaled by the other's tiny weights and the projector barely moves.
-        nn.init.normal_(self.mlp[2].weight, std=0.02)
-        nn.init.zeros_(self.mlp[2].bias)
+        out = self.mlp[-1]
+        nn.init.normal_(out.weight, std=0.02)
+        if out.bias is not None:
+            nn.init.zeros_(out.bias)
         # Same std as the output layer's weights: distinct slots from step 0, at the size of the tokens they mark.
         self.pos_embed = nn.Parameter(torch.randn(self.num_tokens, out_dim) * 0.02) if config.pos_embed else None
 

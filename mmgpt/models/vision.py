@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from mmgpt.config import VisionConfig
 from mmgpt.models.image_processor import ImageProcessor
+from mmgpt.models.image_tiling import TilingImageProcessor
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -19,13 +20,14 @@ class VisionTower(nn.Module):
     """Encodes images into a grid of tokens ``(B, H' * W', embed_dim)``.
 
     Features come from level ``feature_layer`` of timm's ``forward_intermediates``: a block of a ViT (prefix
-    tokens — CLS and registers — dropped by timm), a feature stage of a CNN. Everything after that level (later
-    blocks, final norm, head) is pruned so no compute is spent on it. The ``(B, C, H', W')`` map is flattened
+    tokens — CLS and registers — dropped by timm), a feature stage of a CNN; with ``final_norm`` they go through
+    the backbone's final norm (SigLIP's post-LayerNorm). Everything after that level (later blocks, the final norm
+    unless used, the head) is pruned so no compute is spent on it. The ``(B, C, H', W')`` map is flattened
     row-major into tokens, the order the projector's pixel shuffle expects.
 
     Weights come from ``checkpoint_path`` (a local file, never a download) or a random init. Images are
     preprocessed as the backbone expects: ``self.processor`` takes mean, std and interpolation from timm's data
-    config for the model.
+    config for the model, or, with ``tiling``, splits pictures into tiles (``image_tiling.TilingImageProcessor``).
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -92,14 +94,29 @@ class VisionTower(nn.Module):
                 f"(valid: {-num_levels} to {num_levels - 1})"
             )
         self.layer_index = layer % num_levels
-        # Drop the levels after the chosen one, the final norm and the head: they would never be used.
-        self.model.prune_intermediate_layers([self.layer_index], prune_norm=True, prune_head=True)
-
-        data_config = timm.data.resolve_model_data_config(self.model)
-        self.processor = ImageProcessor(
-            img_size=config.img_size, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-            interpolation=data_config["interpolation"],
+        final_norm = getattr(self.model, "norm", None)
+        if config.final_norm and (not isinstance(final_norm, nn.Module) or isinstance(final_norm, nn.Identity)):
+            raise ValueError(
+                f"vision.final_norm=True: {name} has no final norm layer (model.norm) to run over its features; "
+                f"set vision.final_norm to false"
+            )
+        # Drop the levels after the chosen one, the head, and the final norm unless the features go through it:
+        # they would never be used.
+        self.model.prune_intermediate_layers(
+            [self.layer_index], prune_norm=not config.final_norm, prune_head=True
         )
+
+        if config.tiling is not None:
+            try:
+                self.processor = TilingImageProcessor(tile_size=config.img_size, **config.tiling)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"vision.tiling={config.tiling}: {e}") from e
+        else:
+            data_config = timm.data.resolve_model_data_config(self.model)
+            self.processor = ImageProcessor(
+                img_size=config.img_size, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                interpolation=data_config["interpolation"],
+            )
         # Probe the output shape in eval mode: in train mode every BatchNorm would fold the statistics of this
         # blank image into its running mean and variance, corrupting pretrained CNN weights.
         self.model.eval()
@@ -113,8 +130,9 @@ class VisionTower(nn.Module):
         return self.grid_size[0] * self.grid_size[1]
 
     def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        kwargs = {"norm": True} if self.config.final_norm else {}
         return self.model.forward_intermediates(
-            images, indices=[self.layer_index], intermediates_only=True
+            images, indices=[self.layer_index], intermediates_only=True, **kwargs
         )[0]  # (B, C, H', W')
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
