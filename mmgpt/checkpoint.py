@@ -214,7 +214,11 @@ def load_lora_adapter(model: MMGPT, directory: str | Path, merge: bool = False) 
 
     Raises:
         FileNotFoundError: no such directory, or a file missing from it.
-        ValueError: a URL; not a LoRA adapter; weights that are not finite or do not fit the model (each named).
+        ValueError: a URL; not a LoRA adapter; a config field that does more than add A/B matrices to the model's
+            layers (``mmgpt.models.lora.check_loadable_config``: layer_replication, modules_to_save, DoRA...);
+            weights that are not finite or do not fit the model (each named, with the directory); any failure
+            while peft injects or loads the adapter (the original error as ``__cause__``). The model is then left
+            as it was.
     """
     from peft import LoraConfig, PeftType
 
@@ -247,8 +251,9 @@ def load_lora_adapter(model: MMGPT, directory: str | Path, merge: bool = False) 
     requires_grad = {name: p.requires_grad for name, p in decoder.named_parameters()}
     try:
         load_lora_state_dict(decoder, config, weights)
-    except ValueError as e:  # peft's "target modules not found" too
-        raise ValueError(f"LoRA adapter {directory}: {e}") from e
+    except ValueError as e:  # peft's "target modules not found" too; the decoder is as it was
+        # The cause is what went wrong first: a KeyError inside peft, say, rather than the ValueError wrapping it.
+        raise ValueError(f"LoRA adapter {directory}: {e}") from (e.__cause__ or e)
     if merge:
         merge_lora(decoder)
         for name, p in decoder.named_parameters():  # a plain model again, trainable where it was

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import mmgpt  # cheap: its names load on first use, so --help and usage errors never wait for torch
+from mmgpt.commands.arguments import argument_errors
 
 COMMANDS_HELP = """commands:
   /image PATH   attach an image to your next message
@@ -76,10 +77,20 @@ class ChatSession:
     def send(self, text: str) -> str | None:
         """Send a user message, print the reply as it streams and keep both; ``None`` (and an error line) when
         the model cannot answer it (the message is then forgotten, attached images stay)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8, read as lone surrogates: show them, not the codec
+            raw = text.encode("utf-8", "surrogateescape")
+            self.error(f"the message is not UTF-8 text ({raw[:60]!r}); send it as UTF-8")
+            return None
         conversation = self.conversation(text)
         generation = dict(self.generation)
         block_size = self.pipeline.model.config.decoder.block_size
-        prompt = self.pipeline.encode_chat([conversation])[0].size(1)
+        try:
+            prompt = self.pipeline.encode_chat([conversation])[0].size(1)
+        except (TypeError, ValueError) as e:  # what the pipeline refuses, such as a typed <image> marker
+            self.error(str(e))
+            return None
         wanted = generation.get("max_new_tokens", self.pipeline.generation_config.max_new_tokens)
         if prompt >= block_size:
             self.error(
@@ -159,7 +170,13 @@ class ChatSession:
 
 
 def _lines(stdin: TextIO) -> Iterator[str]:
-    """Lines typed at a terminal (with line editing and a prompt), or read from a pipe or file."""
+    """Lines typed at a terminal (with line editing and a prompt), or read from a pipe or file.
+
+    Bytes that are not UTF-8 come as lone surrogates (as Python reads them in the C locale) rather than as a
+    UnicodeDecodeError that would end the session: ``ChatSession.send`` refuses that one line.
+    """
+    if getattr(stdin, "errors", None) == "strict" and hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
     if not stdin.isatty():
         yield from stdin
         return
@@ -179,6 +196,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt chat") -> None:
     Args:
         argv: the arguments after the subcommand (``None``: ``sys.argv[1:]``).
         prog: the name usage and error messages give the command.
+
+    Raises:
+        SystemExit: status 2, with ``PROG: error: --model: REASON``, for a model that cannot be loaded.
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,7 +226,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt chat") -> None:
     except (TypeError, ValueError) as e:
         parser.error(str(e))
 
-    pipeline = mmgpt.load(args.model, map_location=args.device)
+    with argument_errors(parser, "--model"):
+        pipeline = mmgpt.load(args.model, map_location=args.device)
     if args.seed is not None:
         import torch
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mmgpt
+from mmgpt.commands.arguments import argument_errors
 
 if TYPE_CHECKING:
     from mmgpt.data import MMGPTDataModule
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
 
     Returns:
         The metrics, by name (``samples`` and each task's ``.../samples`` are counts).
+
+    Raises:
+        SystemExit: status 2, with ``PROG: error: --model: REASON``, for a model that cannot be loaded.
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,7 +81,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
 
     from mmgpt.eval.evaluate import evaluate
 
-    pipe = mmgpt.load(args.model, map_location=args.device)
+    with argument_errors(parser, "--model"):
+        pipe = mmgpt.load(args.model, map_location=args.device)
     dm = datamodule_from(args.data)
     metrics, rows = evaluate(
         pipe.model, pipe.tokenizer, dm.dataset(args.split), batch_size=args.batch_size,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import mmgpt
+from mmgpt.commands.arguments import argument_errors
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "mmgpt export") -> None:
@@ -24,7 +26,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt export") -> None:
 
     Raises:
         SystemExit: status 2, with ``PROG: error: --ckpt: REASON`` on stderr, for a missing, remote, unreadable or
-            non-finite checkpoint (as argparse reports a bad argument).
+            non-finite checkpoint, or ``--out: REASON`` for an output that cannot be written (a file in the way, no
+            permission), as argparse reports a bad argument.
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,14 +40,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt export") -> None:
         "adapter_model.safetensors), instead of the merged model; load it with mmgpt.load(BASE, adapter=OUT)",
     )
     args = parser.parse_args(argv)
-    try:
-        if args.adapter_only:
-            from mmgpt.checkpoint import export_lora_adapter
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # said before a large checkpoint is read only to find it out
+        parser.exit(2, f"{parser.prog}: error: --out: {out} exists and is not a directory\n")
+    # Reading the checkpoint raises FileNotFoundError or ValueError (a NaN weight included, also when the weights are
+    # checked again as they are written): --ckpt's. Writing raises other OSErrors (a parent that is a file, no
+    # permission): --out's. The inner handler sees an error first.
+    if args.adapter_only:
+        from mmgpt.checkpoint import export_lora_adapter
 
+        with argument_errors(parser, "--out", (OSError,)), argument_errors(parser, "--ckpt"):
             export_lora_adapter(args.ckpt, args.out)
-        else:
-            mmgpt.load(args.ckpt).save_pretrained(args.out)
-    except (ValueError, FileNotFoundError) as e:
-        # What was wrong with which argument, without a traceback through the loader; exit status 2 as argparse's.
-        parser.exit(2, f"{parser.prog}: error: --ckpt: {e}\n")
+    else:
+        with argument_errors(parser, "--ckpt"):
+            pipeline = mmgpt.load(args.ckpt)
+        with argument_errors(parser, "--out", (OSError,)), argument_errors(parser, "--ckpt", (ValueError,)):
+            pipeline.save_pretrained(args.out)
     print(f"exported {args.ckpt} to {args.out}")

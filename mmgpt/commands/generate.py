@@ -13,6 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 import mmgpt  # cheap: its names load on first use, so --help and usage errors never wait for torch
+from mmgpt.commands.arguments import argument_errors
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "mmgpt generate") -> None:
@@ -21,6 +22,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt generate") -> Non
     Args:
         argv: the arguments after the subcommand (``None``: ``sys.argv[1:]``).
         prog: the name usage and error messages give the command.
+
+    Raises:
+        SystemExit: status 2, with ``PROG: error: --model: REASON`` or ``--image``, for a model or an image that
+            cannot be read (as argparse reports a bad argument).
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,15 +49,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt generate") -> Non
     if args.image is None and args.prompt is None:
         parser.error("give --image, --prompt, or both")
 
-    model = mmgpt.load(args.model, map_location=args.device)
+    with argument_errors(parser, "--model"):
+        model = mmgpt.load(args.model, map_location=args.device)
+    image = None
+    if args.image is not None:
+        with argument_errors(parser, "--image"):
+            image = model.encode_image(args.image)  # read once, here: its errors are the file's, not the prompt's
     sampling = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         stop_strings=args.stop, seed=args.seed,
     )
     if args.stream:
-        for piece in model.stream(args.image, args.prompt, **sampling):
+        for piece in model.stream(image, args.prompt, **sampling):
             print(piece, end="", flush=True)
         print()
     else:
-        print(model.generate(args.image, args.prompt, num_beams=args.num_beams, **sampling))
+        print(model.generate(image, args.prompt, num_beams=args.num_beams, **sampling))

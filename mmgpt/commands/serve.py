@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt serve") -> None:
     Args:
         argv: the arguments after the subcommand (``None``: ``sys.argv[1:]``).
         prog: the name usage and error messages give the command.
+
+    Raises:
+        SystemExit: status 2, with ``PROG: error: --model: REASON``, for a model that cannot be loaded.
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,13 +57,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt serve") -> None:
     import uvicorn
 
     import mmgpt
+    from mmgpt.commands.arguments import argument_errors
     from mmgpt.serve.app import create_app
 
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    pipeline = mmgpt.load(args.model, map_location=args.device)
+    with argument_errors(parser, "--model"):
+        pipeline = mmgpt.load(args.model, map_location=args.device)
     name = args.model_name or (Path(args.model).name if args.model else "mmgpt")
     app = create_app(
         pipeline, name, allow_local_files=args.allow_local_files, max_batch_size=args.max_batch_size,

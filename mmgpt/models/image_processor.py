@@ -13,6 +13,7 @@ a model fed clipped, all-white or NaN pixels answers confidently about a picture
   other integer dtypes are 0..255 like uint8 and refused outside it; ``(1, H, W)`` is grayscale, ``(4, H, W)``
   RGBA (composited on white). Bool, complex, NaN or infinite pixels, batches and other shapes are refused.
 - Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb guard) and empty images are refused.
+- Files and bytes are decoded only in ``IMAGE_FORMATS``: raster formats PIL reads in-process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+
+# The file formats mmgpt decodes (``Image.open(..., formats=IMAGE_FORMATS)``). Without the list PIL tries every
+# plugin it has, and some hand the file to another program: EPS and PostScript go to Ghostscript, an interpreter that
+# must never run a data set's or a client's file. These are raster formats PIL decodes in-process (a multi-picture
+# JPEG, MPO, opens as JPEG); TIFF for 16-bit and float scans, which PNG cannot hold. PPM, ICO and the rest are left
+# out: no camera or browser produces them, and each plugin is more untrusted-input parser.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# What PIL's UnidentifiedImageError means then: bytes that are no image, or one in another format (it cannot tell).
+UNSUPPORTED_FORMAT = f"not an image in a format mmgpt reads ({', '.join(IMAGE_FORMATS)})"
 
 # The interpolations timm's data configs name, as PIL resampling filters (F.interpolate takes the same names).
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -62,20 +72,22 @@ def open_image(path: str | Path, owner: str = "") -> Image.Image:
 
     Raises:
         ImageNotFoundError: no such file.
-        BadImageError: the file is not a readable image, is larger than ``PIL.Image.MAX_IMAGE_PIXELS``, or holds
-            pixels that the module's rules refuse.
+        BadImageError: not a regular file (a directory, a FIFO), not a readable image in one of ``IMAGE_FORMATS``,
+            larger than ``PIL.Image.MAX_IMAGE_PIXELS``, or holding pixels that the module's rules refuse.
     """
     path = Path(path)
     name = f"{path} ({owner})" if owner else str(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageNotFoundError(f"image file not found: {name}")
+    if not path.is_file():  # opening a FIFO or a device would block on it, or read it forever
+        raise BadImageError(f"image {name} is not a regular file")
     try:
         # PIL only warns between MAX_IMAGE_PIXELS and twice that, and a warning is easily lost in a training log
         # while the decode fills memory: check_size refuses it below, before anything is decoded. (catch_warnings
         # is process-wide: at worst another thread misses that one warning, and check_size refuses its image too.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path, formats=IMAGE_FORMATS)
         with image:
             check_size(image, f"image {name}")
             image.load()  # decode now, so a truncated file fails here, inside the try
@@ -86,7 +98,9 @@ def open_image(path: str | Path, owner: str = "") -> Image.Image:
         raise BadImageError(
             f"image {name} is too large to decode safely: {e} Raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
         ) from e
-    # PIL's decoders fail with any of these on a corrupt file (UnidentifiedImageError is an OSError).
+    except Image.UnidentifiedImageError as e:
+        raise BadImageError(f"cannot read image {name}: {UNSUPPORTED_FORMAT}") from e
+    # PIL's decoders fail with any of these on a corrupt file.
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise BadImageError(f"cannot read image {name}: {e}") from e
 

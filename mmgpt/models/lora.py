@@ -14,6 +14,8 @@ it, so that module paths are the LM's own and the adapter loads onto the plain L
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +34,31 @@ PEFT_KEY_PREFIX = "base_model.model."
 _ADAPTER_NAME = "default"
 # How many offending keys an error names before summing up the rest.
 _NAMED = 8
+
+# The fields of peft's LoraConfig that an adapter file may set: which linear layers get A/B matrices, their rank and
+# scale (rsLoRA's alpha / sqrt(r) included), dropout, and bookkeeping. init_lora_weights says how training started
+# (PiSSA, OLoRA, CorDA, EVA...): the file's A/B replace whatever it makes, and load_lora_state_dict injects with
+# init_lora_weights=False, because PiSSA and its kind rewrite the base weights as they initialize, and loading the
+# same adapter twice would then give two different models. Any other field set away from peft's default is refused
+# (its name in the error): each does more than add B @ A to a layer of the model as it is.
+_LOADABLE_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "use_rslora",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "runtime_config",
+    "init_lora_weights", "eva_config", "corda_config", "lora_ga_config",  # how training started; unused here
+})
+# Why, for the refused fields an adapter is most likely to set.
+_REFUSED_BECAUSE = {
+    "layer_replication": "it stacks copies of the decoder's layers, a different model from the base",
+    "modules_to_save": "it replaces whole modules of the base model (the output head, the embeddings) with the file's",
+    "trainable_token_indices": "it replaces rows of the base model's token embeddings with the file's",
+    "megatron_config": "it is for Megatron tensor-parallel layers, and has peft import the module megatron_core names",
+    "megatron_core": "it names a module for peft to import, for Megatron tensor-parallel layers",
+    "loftq_config": "a LoftQ adapter goes with a quantized copy of the base weights, not with the weights themselves",
+    "use_dora": "DoRA rescales each base weight by a magnitude vector; mmgpt merges plain LoRA only",
+    "bias": "it makes the file's biases replace the base model's",
+    "lora_bias": "a bias on lora_B is not a plain LoRA adapter",
+}
 
 
 @dataclass
@@ -115,24 +142,61 @@ def lora_adapter_state_dict(decoder: nn.Module) -> dict[str, torch.Tensor]:
     return {PEFT_KEY_PREFIX + k: v for k, v in weights.items()}
 
 
+def check_loadable_config(config: LoraConfig) -> None:
+    """Refuse a peft LoRA config that would do more than add the file's A/B matrices to the decoder's layers.
+
+    An adapter file is data from elsewhere: a field that copies layers, replaces modules or embeddings, rescales the
+    base weights (DoRA) or makes peft import a module must not reach peft. Only the fields in ``_LOADABLE_FIELDS``
+    may differ from peft's defaults.
+
+    Raises:
+        ValueError: naming the first field set to something mmgpt does not load, its value and why.
+    """
+    from peft import LoraConfig
+
+    defaults = LoraConfig()
+    for field in dataclasses.fields(LoraConfig):
+        name = field.name
+        value = getattr(config, name, None)
+        if name in _LOADABLE_FIELDS or value == getattr(defaults, name):
+            continue
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        why = _REFUSED_BECAUSE.get(name, "it is not a plain LoRA adapter")
+        raise ValueError(
+            f"the adapter config sets {name}={shown}, which mmgpt does not load: {why}. mmgpt loads LoRA adapters "
+            f"that add A/B matrices to the model's own linear layers, with {name} left at {getattr(defaults, name)!r}"
+        )
+
+
 def load_lora_state_dict(decoder: nn.Module, config: LoraConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Inject adapters per ``config`` into ``decoder`` and load ``state_dict`` into them, strictly.
 
+    The adapters hold exactly the weights of ``state_dict``: they are injected with ``init_lora_weights=False``
+    whatever ``config`` says, so an initialization that rewrites the base weights (PiSSA, OLoRA...) never runs.
+
     Args:
         decoder: the native ``Decoder`` or an ``HFDecoder``, without adapters.
-        config: the peft config the adapter was saved with.
+        config: the peft config the adapter was saved with (not changed).
         state_dict: adapter weights named as ``lora_adapter_state_dict`` names them.
 
     Raises:
-        ValueError: the decoder has adapters already, ``config`` targets no module of it, or the weights do not fit
-            the injected adapters (keys missing or unexpected, shapes that differ; each named). The decoder is then
-            left as it was.
+        ValueError: the decoder has adapters already; ``config`` sets a field ``check_loadable_config`` refuses
+            (both before the decoder is touched); ``config`` targets no module of it; the weights do not fit the
+            injected adapters (keys missing or unexpected, shapes that differ; each named); or anything else fails
+            while injecting or loading (the original error as ``__cause__``). The decoder is then left as it was: the
+            same modules in the same places, the same ``requires_grad`` flags.
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     base = peft_base(decoder)
     if has_lora(base):
         raise ValueError("the decoder has LoRA adapters already: load an adapter onto a model without them")
+    check_loadable_config(config)
+    config = copy.deepcopy(config)
+    config.init_lora_weights = False  # the A/B come from state_dict; nothing else may touch the weights
+    # What a failure puts back: every module's children (peft swaps layers for its wrappers) and trainable flags.
+    children = {m: dict(m._modules) for m in base.modules()}
     requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
     try:
         inject_adapter_in_model(config, base, adapter_name=_ADAPTER_NAME)
@@ -142,11 +206,18 @@ def load_lora_state_dict(decoder: nn.Module, config: LoraConfig, state_dict: Map
         result = set_peft_model_state_dict(base, {k[n:]: v for k, v in state_dict.items()}, adapter_name=_ADAPTER_NAME)
         if result.unexpected_keys:  # checked above; here only if peft would map a key elsewhere than it names it
             raise ValueError(f"weights peft did not place: {_shown(result.unexpected_keys)}")
-    except Exception:
-        _remove_lora(base)  # as it was: no half-injected adapters with random weights left behind
+    except BaseException as e:
+        # As it was: no half-injected adapters with random weights, no peft wrappers, nothing frozen.
+        for module, kids in children.items():
+            module._modules.clear()
+            module._modules.update(kids)
+        for m in base.modules():
+            m.__dict__.pop("peft_config", None)
         for name, p in base.named_parameters():
             p.requires_grad_(requires_grad[name])
-        raise
+        if isinstance(e, ValueError) or not isinstance(e, Exception):  # ours, peft's own, or Ctrl-C
+            raise
+        raise ValueError(f"peft could not put the adapter on this decoder: {type(e).__name__}: {e}") from e
 
 
 def merge_lora(module: nn.Module) -> int:

@@ -2,8 +2,9 @@
 
 Nothing is fetched: an ``http(s)://`` URL is refused (a server that fetched URLs for its clients could be made to
 reach hosts only it can see). Decoded images follow ``mmgpt.models.image_processor``'s rules (EXIF orientation,
-transparency on white, 16-bit scaled, empty or odd pixels refused), and the server's pixel limit is checked from
-the header, before anything is decoded, so a small file that expands to gigabytes (an image bomb) costs nothing.
+transparency on white, 16-bit scaled, empty or odd pixels refused) and its formats (``IMAGE_FORMATS``: never one that
+PIL hands to another program, such as EPS to Ghostscript), and the server's pixel limit is checked from the header,
+before anything is decoded, so a small file that expands to gigabytes (an image bomb) costs nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from mmgpt.models.image_processor import BadImageError, open_image, to_rgb
+from mmgpt.models.image_processor import IMAGE_FORMATS, UNSUPPORTED_FORMAT, BadImageError, open_image, to_rgb
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -43,7 +44,7 @@ def load_image_url(url: str, *, allow_local_files: bool = False, max_pixels: int
         ImageURLError: a URL the server does not read (http, https, other schemes; files without the flag),
             base64 that does not decode, bytes that are not an image, or an image over the limit.
     """
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986): DATA: is data: too
         return _decode(_data_url_bytes(url), max_pixels, "the data URL")
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
@@ -60,11 +61,15 @@ def load_image_url(url: str, *, allow_local_files: bool = False, max_pixels: int
             "data:image/...;base64 URL"
         )
     path = Path(unquote(urlparse(url).path)) if scheme == "file" else Path(url)
-    try:
-        with Image.open(path) as header:  # the size check first, as for data URLs (open reads the header only)
-            _check_pixels(header, max_pixels, f"image file {path}")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        pass  # open_image below says what is wrong with the file
+    # A regular file only: opening a FIFO or a device (/dev/zero) would block a server thread on it, or read forever.
+    # What is wrong with anything else, open_image below says.
+    if path.is_file():
+        try:
+            # The size check first, as for data URLs (open reads the header only).
+            with Image.open(path, formats=IMAGE_FORMATS) as header:
+                _check_pixels(header, max_pixels, f"image file {path}")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            pass
     try:
         return open_image(path)
     except BadImageError as e:  # ImageNotFoundError included
@@ -105,7 +110,7 @@ def _decode(data: bytes, max_pixels: int, where: str) -> Image.Image:
         # header, is what refuses them here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         with image:
             _check_pixels(image, max_pixels, where)
             image.load()  # decode now: a truncated file fails here
@@ -117,7 +122,7 @@ def _decode(data: bytes, max_pixels: int, where: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageURLError(f"{where} is too large to decode safely: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ImageURLError(f"{where} is not an image PIL can read ({len(data):,} bytes)") from None
+        raise ImageURLError(f"{where} is {UNSUPPORTED_FORMAT} ({len(data):,} bytes)") from None
     # PIL's decoders fail with any of these on a corrupt file.
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ImageURLError(f"cannot read the image in {where}: {e}") from None

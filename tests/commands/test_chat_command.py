@@ -120,6 +120,21 @@ def test_a_bad_image_path_is_an_error_line_and_the_session_goes_on(chat, default
     assert sent == [[user("Hi")]]
 
 
+def test_a_message_the_pipeline_refuses_is_an_error_line_and_the_session_goes_on(chat, default_model):
+    out, err, sent = chat(["what is <image> here?", "What color is the circle?"])
+    assert "error: messages[0].content[0].text holds '<image>'" in err
+    assert out == [default_model.chat([user("What color is the circle?")], reuse_cache=False)]  # the first forgotten
+    assert sent == [[user("What color is the circle?")]]
+
+
+def test_bytes_that_are_not_utf8_are_an_error_line_and_the_session_goes_on(chat, default_model):
+    # How Python reads them in the C locale (LC_ALL=C): each byte that is not UTF-8 as a lone surrogate.
+    out, err, sent = chat([b"a \xff b".decode("utf-8", "surrogateescape"), "What color is the circle?"])
+    assert "error: the message is not UTF-8 text (b'a \\xff b')" in err
+    assert out == [default_model.chat([user("What color is the circle?")], reuse_cache=False)]
+    assert len(sent) == 1
+
+
 def test_commands_help_and_escapes(chat):
     out, err, sent = chat(["/help", "/bogus", "//image is a word here", "   ", "/quit"])
     assert "/image PATH" in err and "/reset" in err
@@ -173,3 +188,17 @@ def test_python_dash_m_with_piped_stdin(default_model):
     assert done.returncode == 0, done.stderr
     turns = [("What color is the circle?", (IMAGE_0,)), ("What shape is at the center?", ())]
     assert done.stdout.splitlines() == replies_of(default_model, turns, max_new_tokens=16)
+
+
+@pytest.mark.parametrize("io_encoding", ["utf-8:strict", "utf-8:surrogateescape"])
+def test_python_dash_m_with_bytes_that_are_not_utf8(default_model, io_encoding):
+    # strict: what a UTF-8 locale gives a pipe; surrogateescape: the C locale's.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": io_encoding}
+    lines = b"what is \xff\xfe here?\nWhat color is the circle?\n"
+    done = subprocess.run([sys.executable, "-m", "mmgpt.commands.chat", "--max-new-tokens", "16"], input=lines,
+                          capture_output=True, cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    err = done.stderr.decode()
+    assert "error: the message is not UTF-8 text" in err and "Traceback" not in err
+    expected = default_model.chat([user("What color is the circle?")], reuse_cache=False, max_new_tokens=16)
+    assert done.stdout.decode().splitlines() == [expected]

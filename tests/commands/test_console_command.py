@@ -216,6 +216,48 @@ def test_export_reports_a_bad_checkpoint_as_an_argument_error(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# (argv, the flag at fault, a word the message must hold): {tmp} is a fresh directory, {ckpt} a training checkpoint,
+# {file} a file where a directory is expected.
+ARGUMENT_ERRORS = [
+    (["generate", "--image", "{tmp}/missing.png"], "--image", "missing.png"),
+    (["generate", "--image", "{tmp}/notes.png", "--prompt", "What is it?"], "--image", "notes.png"),
+    (["generate", "--model", "/nonexistent", "--prompt", "Hi"], "--model", "/nonexistent"),
+    (["chat", "--model", "/nonexistent"], "--model", "/nonexistent"),
+    (["evaluate", "--model", "/nonexistent"], "--model", "/nonexistent"),
+    (["serve", "--model", "/nonexistent"], "--model", "/nonexistent"),
+    (["export", "--ckpt", "{tmp}/none.ckpt", "--out", "{tmp}/out"], "--ckpt", "none.ckpt"),
+    (["export", "--ckpt", "{ckpt}", "--out", "{file}"], "--out", "not a directory"),
+    (["export", "--ckpt", "{ckpt}", "--out", "{file}/model"], "--out", "model"),
+    (["export", "--adapter-only", "--ckpt", "{ckpt}", "--out", "{file}"], "--out", "not a directory"),
+    (["export", "--adapter-only", "--ckpt", "{ckpt}", "--out", "{tmp}/adapter"], "--ckpt", "did not train LoRA"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, word", ARGUMENT_ERRORS, ids=[" ".join(argv) for argv, _, _ in ARGUMENT_ERRORS])
+def test_a_bad_file_argument_exits_2_naming_the_flag(capsys, trained, tmp_path, argv, flag, word):
+    if argv[0] == "serve":
+        pytest.importorskip("uvicorn")
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "file").write_text("in the way")
+    _, ckpt = trained
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt, file=tmp_path / "file") for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    assert err.startswith(f"mmgpt {argv[0]}: error: {flag}: ") and word in err, err
+    assert "Traceback" not in err
+
+
+def test_a_missing_image_exits_2_without_a_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mmgpt.commands.main", "generate", "--image", str(tmp_path / "missing.png")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("mmgpt generate: error: --image: image file not found: ")
+    assert "missing.png" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_convert_checks_the_format_and_the_converters_flags(capsys):
     code, _, err = run(capsys, "convert", "onnx")
     assert code == 2 and "invalid choice: 'onnx' (choose from 'llava', 'gguf', 'efficientnet-lite0')" in err

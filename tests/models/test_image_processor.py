@@ -372,3 +372,64 @@ def test_image_processor_resizes_and_rejects_bad_input(tmp_path):
         proc(torch.zeros(32, 32, 3))
     with pytest.raises(TypeError, match="got ndarray"):
         proc(torch.zeros(3, 32, 32).numpy())
+
+
+def eps_bytes() -> bytes:
+    """A small picture as Encapsulated PostScript: a program that PIL would hand to Ghostscript to draw."""
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", (S, S), (200, 30, 30)).save(out, "EPS")
+    return out.getvalue()
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    """Records (and stops) every program PIL tries to start; it also forgets whether Ghostscript was found."""
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args[0] if args else kwargs.get("args"))
+        raise OSError("no programs in this test")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return started
+
+
+def test_postscript_is_refused_without_starting_a_program(tmp_path, no_subprocess):
+    path = tmp_path / "scene.eps"
+    path.write_bytes(eps_bytes())
+    for given in (path, str(path)):
+        with pytest.raises(BadImageError, match=r"cannot read image .*scene\.eps: not an image in a format mmgpt "
+                                                r"reads \(PNG, JPEG, WEBP, GIF, BMP, TIFF\)"):
+            PLAIN(given)
+    disguised = tmp_path / "scene.png"  # the name does not matter: PIL goes by the bytes
+    disguised.write_bytes(eps_bytes())
+    with pytest.raises(BadImageError, match=r"scene\.png: not an image in a format mmgpt reads"):
+        open_image(disguised)
+    assert no_subprocess == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"])
+def test_every_accepted_format_opens(tmp_path, fmt):
+    path = tmp_path / f"image.{fmt.lower()}"
+    picture = Image.new("RGB", (S, S), (0, 0, 255))
+    picture.save(path, fmt, **({"save_all": True, "append_images": [picture]} if fmt == "MPO" else {}))
+    assert open_image(path).size == (S, S)
+
+
+def test_a_fifo_or_a_directory_is_refused_without_opening_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(BadImageError, match=r"image .*pipe\.png is not a regular file"):
+        open_image(fifo)
+    with pytest.raises(BadImageError, match=r"is not a regular file"):
+        open_image(tmp_path)

@@ -311,6 +311,130 @@ def test_adapters_must_exist_to_save_and_be_absent_to_load(saved, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# An adapter config is data from elsewhere: the fields that would do more than add A/B to the model's layers
+
+
+def edit_config(out: Path, **fields) -> None:
+    config = json.loads((out / ADAPTER_CONFIG_FILE).read_text())
+    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps({**config, **fields}))
+
+
+def merged_state(base: MMGPT, out: Path) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(base)
+    load_lora_adapter(model, out, merge=True)
+    return model.state_dict()
+
+
+@pytest.fixture
+def no_injection(monkeypatch) -> list:
+    """Records every call of peft's ``inject_adapter_in_model`` (and lets it run)."""
+    import peft
+
+    calls, original = [], peft.inject_adapter_in_model
+    monkeypatch.setattr(peft, "inject_adapter_in_model", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    return calls
+
+
+REFUSED_FIELDS = [
+    ("layer_replication", [[0, 1], [0, 1]]),
+    ("modules_to_save", ["lm_head"]),
+    ("trainable_token_indices", [0, 1]),
+    ("megatron_config", {"tensor_model_parallel_size": 1}),
+    ("megatron_core", "os"),
+    ("use_dora", True),
+    ("bias", "all"),
+    ("lora_bias", True),
+    ("target_parameters", ["h.0.mlp.fc.weight"]),
+]
+
+
+@pytest.mark.parametrize("field, value", REFUSED_FIELDS, ids=[f for f, _ in REFUSED_FIELDS])
+def test_config_fields_beyond_plain_lora_are_refused_before_the_model_is_touched(saved, no_injection, field, value):
+    base, out = saved
+    logits, flags = base(IDS), requires_grad(base)
+    blocks = list(base.decoder.h)
+    edit_config(out, **{field: value})
+    with pytest.raises(ValueError, match=rf"LoRA adapter {out}: the adapter config sets {field}=.*which mmgpt does "
+                                         r"not load"):
+        load_lora_adapter(base, out)
+    assert no_injection == []  # refused from the config alone: peft never saw the model
+    assert_untouched(base, logits, flags)
+    assert list(base.decoder.h) == blocks
+
+
+def test_a_loftq_config_is_refused(saved, no_injection):
+    # peft needs scipy to build a LoftQ config from a file: set on a config already built, as a caller could.
+    from mmgpt.models.lora import load_lora_state_dict
+
+    base, out = saved
+    logits, flags = base(IDS), requires_grad(base)
+    config = LoraConfig.from_pretrained(str(out))
+    config.loftq_config = {"loftq_bits": 4}
+    with pytest.raises(ValueError, match=r"sets loftq_config=\{'loftq_bits': 4\}, which mmgpt does not load"):
+        load_lora_state_dict(base.decoder, config, load_file(str(out / ADAPTER_WEIGHTS_FILE)))
+    assert no_injection == []
+    assert_untouched(base, logits, flags)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "gaussian"])
+def test_an_initialization_in_the_config_never_changes_what_loads(saved, init):
+    # PiSSA and OLoRA rewrite the base weights as they initialize: the file's A/B must go on the weights as they are.
+    base, out = saved
+    expected = merged_state(base, out)
+    edit_config(out, init_lora_weights=init)
+    first, second = merged_state(base, out), merged_state(base, out)
+    assert first.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(first[k], v) and torch.equal(second[k], v), k
+    assert json.loads((out / ADAPTER_CONFIG_FILE).read_text())["init_lora_weights"] == init  # the file as it was
+
+
+def test_rslora_scales_by_alpha_over_the_root_of_r(saved):
+    base, out = saved
+    edit_config(out, use_rslora=True)
+    merged = merged_state(base, out)
+    weights = load_file(str(out / ADAPTER_WEIGHTS_FILE))
+    scale = LORA.alpha / LORA.r**0.5  # 8 / 2 = 4, where plain LoRA's alpha / r is 2
+    a_keys = [k for k in weights if k.endswith("lora_A.weight")]
+    assert a_keys
+    for a_key in a_keys:
+        module = a_key[len("base_model.model."): -len(".lora_A.weight")]
+        delta = weights[a_key.replace("lora_A", "lora_B")] @ weights[a_key] * scale
+        key = f"decoder.{module}.weight"
+        torch.testing.assert_close(merged[key], base.state_dict()[key] + delta)
+
+
+def test_any_failure_inside_peft_leaves_the_model_as_it_was(saved, monkeypatch):
+    import peft
+
+    import mmgpt.models.lora as lora
+
+    base, out = saved
+    logits, flags = base(IDS), requires_grad(base)
+    modules = dict(base.named_modules())
+
+    def fail(*args, **kwargs):
+        raise KeyError("lm_head")
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", fail)
+    with pytest.raises(ValueError, match=rf"LoRA adapter {out}: peft could not put the adapter on this decoder: "
+                                         r"KeyError: 'lm_head'") as error:
+        load_lora_adapter(base, out)
+    assert isinstance(error.value.__cause__, KeyError)
+    assert_untouched(base, logits, flags)
+    assert dict(base.named_modules()) == modules  # the very same modules, each in its place
+
+    # A wrapper other than a LoRA layer goes too: peft's ModulesToSaveWrapper around the head, had the check let
+    # modules_to_save through.
+    monkeypatch.setattr(lora, "check_loadable_config", lambda config: None)
+    edit_config(out, modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match=rf"LoRA adapter {out}: "):
+        load_lora_adapter(base, out)
+    assert_untouched(base, logits, flags)
+    assert dict(base.named_modules()) == modules
+
+
+# ---------------------------------------------------------------------------------------------------------
 # From a training checkpoint
 
 

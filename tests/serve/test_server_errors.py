@@ -34,6 +34,13 @@ def _png(size: tuple[int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _eps() -> bytes:
+    """A picture as Encapsulated PostScript: a program PIL would hand to Ghostscript to draw."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="EPS")
+    return buffer.getvalue()
+
+
 def _truncated() -> str:
     head, payload = data_url().split(",")
     return f"{head},{payload[: len(payload) // 8 * 4]}"  # the first half, still valid base64
@@ -47,6 +54,8 @@ BAD = [
     ("text file as image", dict(messages=_image_part(
         "data:image/png;base64," + base64.b64encode((EXAMPLES / "examples.json").read_bytes()).decode())), IMAGE),
     ("truncated image", dict(messages=_image_part(_truncated())), IMAGE),
+    ("PostScript image", dict(messages=_image_part("data:image/eps;base64," + base64.b64encode(_eps()).decode())),
+     IMAGE),
     ("not an image media type", dict(messages=_image_part("data:text/plain;base64,aGVsbG8=")), IMAGE),
     ("data URL not base64", dict(messages=_image_part("data:image/png,rawbytes")), IMAGE),
     ("image bomb", dict(messages=_image_part(_png((5000, 5000)))), IMAGE),
@@ -182,3 +191,130 @@ def test_the_server_still_answers(server):
         _post(server, fields)
     r = _post(server, {"messages": HI, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected(HI)[0]
+
+
+# ``load_image_url`` itself, without a server: what a client's image_url may make the server's machine do.
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    """Records (and stops) every program PIL tries to start; it also forgets whether Ghostscript was found."""
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args[0] if args else kwargs.get("args"))
+        raise OSError("no programs in this test")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return started
+
+
+def test_postscript_is_refused_without_starting_a_program(tmp_path, no_subprocess):
+    from mmgpt.serve.images import ImageURLError, load_image_url
+
+    allowed = r"not an image in a format mmgpt reads \(PNG, JPEG, WEBP, GIF, BMP, TIFF\)"
+    url = "data:image/eps;base64," + base64.b64encode(_eps()).decode()
+    with pytest.raises(ImageURLError, match=rf"the data URL is {allowed}"):
+        load_image_url(url)
+    path = tmp_path / "scene.eps"
+    path.write_bytes(_eps())
+    for given in (str(path), path.as_uri()):
+        with pytest.raises(ImageURLError, match=rf"cannot read image .*scene\.eps: {allowed}"):
+            load_image_url(given, allow_local_files=True)
+    assert no_subprocess == []
+
+
+def test_url_schemes_are_case_insensitive():
+    from mmgpt.serve.images import ImageURLError, load_image_url
+
+    expected = load_image_url(data_url())
+    for scheme in ("DATA", "Data"):
+        image = load_image_url(scheme + data_url()[4:])
+        assert image.size == expected.size and image.tobytes() == expected.tobytes()
+    with pytest.raises(ImageURLError, match="not fetched"):
+        load_image_url("HTTPS://example.com/cat.png")
+
+
+def test_a_local_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    import threading
+
+    from mmgpt.serve.images import ImageURLError, load_image_url
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading waits for a writer: a server thread stuck for good
+    outcome = []
+
+    def load():
+        try:
+            load_image_url(str(fifo), allow_local_files=True)
+        except ImageURLError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        with open(fifo, "wb"):  # a writer that closes at once: the reader sees end of file and the thread ends
+            pass
+        thread.join(10)
+        pytest.fail("load_image_url blocked opening a FIFO")
+    assert len(outcome) == 1 and "pipe.png is not a regular file" in outcome[0]
+
+
+def test_the_chat_page_leaves_max_tokens_to_the_server(server):
+    # The page sends max_tokens only when its field is set: the server then caps the answer by the context the
+    # conversation leaves, where a fixed number would be refused (context_length_exceeded) once the conversation
+    # grows past the context less that number.
+    import os
+    from pathlib import Path
+
+    chromium = Path("/usr/bin/chromium")
+    missing = [] if chromium.is_file() else [f"no Chromium at {chromium}"]
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("the playwright Python package is not installed")
+    if missing:
+        if os.environ.get("MMGPT_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"MMGPT_REQUIRE_BROWSER=1 but {missing[0]}", pytrace=False)
+        pytest.skip(missing[0])
+    from live_server import pipeline
+
+    block_size = pipeline().model.config.decoder.block_size
+    question = "Is the circle left of the square? " * 9
+    room = block_size - expected(text_message(question), max_tokens=1)[1]
+    assert 0 < room < pipeline().generation_config.max_new_tokens  # less room than the default answer takes
+    answer = expected(text_message(question), max_tokens=room)[0]
+    args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/")
+            page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
+            assert page.input_value("#max-tokens") == ""
+            page.fill("#prompt", question)
+            with page.expect_response("**/v1/chat/completions") as response:
+                page.click("#send")
+            assert response.value.status == 200, response.value.text()
+            assert "max_tokens" not in response.value.request.post_data_json
+            page.wait_for_function("!document.querySelector('#log .pending')")
+            assert page.locator("#error").is_hidden()
+            assert page.locator("#log .msg.assistant .text").text_content() == answer
+            # A number typed in the field is sent as it is.
+            page.click("#settings summary")
+            page.fill("#max-tokens", "3")
+            page.fill("#prompt", "Hi")
+            with page.expect_request("**/v1/chat/completions") as request:
+                page.click("#send")
+            assert request.value.post_data_json["max_tokens"] == 3
+        finally:
+            browser.close()

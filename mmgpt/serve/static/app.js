@@ -77,6 +77,7 @@ function newChat() {
   prompt.focus();
 }
 
+
 // The number in a settings field, or undefined (left out of the request, the server's default) when empty.
 function setting(id) {
   const value = $(id).value.trim();
