@@ -1,0 +1,561 @@
+"""Import a HF LLaVA-OneVision checkpoint (``LlavaOnevisionForConditionalGeneration``) into mmgpt's own modules.
+
+LLaVA-OneVision is LLaVA with pictures of any size (``mmgpt.models.anyres``), so the conversion is a renaming of
+tensors plus one new part:
+
+    SigLIP vision tower   -> timm ``vit_base_patch16_siglip_gap_224`` with its sizes overridden, the blocks up to
+                             ``vision_feature_layer`` and no post-LayerNorm (HF reads ``hidden_states[layer]``)
+    multi_modal_projector -> ``Projector``: LLaVA's Linear-GELU-Linear, hidden width = LM width (``input_norm=False``)
+    image_newline         -> ``AnyresPacker``: unpadding, pooling and a newline per row, after the projector
+    Qwen2 text model      -> transformers' own ``Qwen2ForCausalLM`` as the decoder (``decoder.backend="hf"``)
+
+A picture is ``1 + rows * cols`` tiles (``model.processor``: an ``AnyresImageProcessor``), each through tower and
+projector on its own, then packed into ``model.num_image_tokens(image)`` tokens, a count that depends on the
+picture's size. ``AnyresMMGPT`` is ``MMGPT`` with that packer: ``encode_images`` returns every picture's tokens in
+a row, ``(total_tokens, n_embd)``, and its ``embed`` splices them into the ``<image>`` placeholders in order, so the
+generation engine takes them as ``image_embeds``. The prompt holds each picture's count of placeholders
+(``anyres.repeat_image_markers``), as ``LlavaOnevisionProcessor`` writes it.
+
+Details that decide whether the numbers match:
+
+- HF's ``hidden_states`` list starts with the embedding output: ``vision_feature_layer=L >= 1`` is block ``L - 1``
+  in timm's numbering, negative indices map unchanged (``mmgpt.convert.llava``). SigLIP has no CLS token: the
+  strategy must be ``"full"`` (``"default"`` would drop a patch token, and HF's own packing then fails).
+- SigLIP's ``hidden_states[-1]`` is the last block's output *before* ``post_layernorm`` (transformers does not tie
+  it to ``last_hidden_state`` for SigLIP): ``vision.final_norm`` is off, and ``post_layernorm`` is not used.
+- Positions count from 0 in HF's Qwen2 and in mmgpt alike.
+- Pixels: ``AnyresImageProcessor`` runs the same resizes as transformers' torchvision backend (its default) or its
+  PIL backend (``backend="pil"``), and equals the chosen one bit for bit.
+
+Not supported (named by ``mmgpt_config_from_llava_onevision``): several vision feature layers concatenated, a text
+model other than Qwen2, ``vision_aspect_ratio`` other than ``anyres_max_N``. Videos are not read (mmgpt has no video
+input); a checkpoint's video token is simply an unused word.
+
+Only safetensors are read: a ``.bin`` checkpoint is a pickle that can run code. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.convert.idefics3 import TIMM_SIGLIP, TIMM_SIGLIP_LN_EPS, _saved_chat_template, _saved_processor
+from mmgpt.convert.llava import _feature_layer_from_hf, _read_safetensors
+from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, ViTLayout, timm_mlp_ratio, vit_from_hf
+from mmgpt.models.anyres import AnyresImage, AnyresImageProcessor, AnyresLayout, AnyresPacker
+from mmgpt.models.mmgpt import MMGPT
+from mmgpt.prompts import IMAGE
+
+ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
+MODEL_TYPE = "llava_onevision"
+# Text models HFDecoder runs as they are (every released LLaVA-OneVision is Qwen2).
+TEXT_MODEL_TYPES = ("qwen2",)
+# SigLIP as LLaVA-OneVision reads it: a hidden state of the encoder, before the post-LayerNorm.
+SIGLIP_HIDDEN_LAYOUT = ViTLayout(class_token=False, patch_bias=True, pre_norm=False, final_norm=False)
+_ASPECT = re.compile(r"^anyres_max_(\d+)$")
+
+# Checkpoint keys in the wild: transformers < 4.52 and 5.x write ``language_model.model.*``,
+# ``language_model.lm_head.*``, ``image_newline`` and ``vision_tower.vision_model.*`` (5.x: ``vision_tower.*``);
+# 4.52-4.57 write ``model.language_model.*``, ``lm_head.*``, ``model.image_newline`` and
+# ``model.vision_tower.vision_model.*``. Order matters: lm_head before the rest of the language model.
+_KEY_GROUPS = (
+    ("vision", re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$")),
+    ("projector", re.compile(r"^(?:model\.)?multi_modal_projector\.(.+)$")),
+    ("newline", re.compile(r"^(?:model\.)?(image_newline)$")),
+    ("lm_head", re.compile(r"^(?:language_model\.)?(lm_head\..+)$")),
+    ("language", re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(.+)$")),
+)
+# Vision tensors that never reach the logits: the post-LayerNorm (HF reads a hidden state), SigLIP's pooling head
+# (built when vision_use_head is set), and buffers older transformers saved. Later layers are checked by number.
+_UNUSED_VISION = re.compile(r"^(post_layernorm\..+|head\..+|embeddings\.position_ids)$")
+_LATER_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+_UNUSED_LANGUAGE = re.compile(r"^.*rotary_emb\.inv_freq$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+
+class AnyresMMGPT(MMGPT):
+    """``MMGPT`` whose pictures take a number of tokens that depends on their size (``mmgpt.models.anyres``).
+
+    A picture is an ``AnyresImage`` (``model.processor(picture)``); its tiles go through ``vision`` and
+    ``projector`` as ``MMGPT``'s images do, and ``packer`` makes its ``num_image_tokens(image)`` tokens. Images are
+    passed as a list of ``AnyresImage`` (``images=``) or as the flat ``(total_tokens, n_embd)`` tensor
+    ``encode_images`` returns (``image_embeds=``); the generation engine hands either to ``embed`` as it is.
+    ``image_seq_len`` has no single value here, and raises: that also keeps a ``PrefixCache`` (which cuts a prompt
+    into runs of ``image_seq_len``) away from these models.
+    """
+
+    def __init__(self, config: MMGPTConfig, anyres: dict[str, Any]) -> None:
+        super().__init__(config)
+        # The anyres settings: AnyresImageProcessor's fields but tile_size (vision.img_size), and max_tiles.
+        self.anyres = dict(anyres)
+        fields = dict(anyres)
+        max_tiles = fields.pop("max_tiles", 9)
+        grid = self.vision.grid_size
+        if grid[0] != grid[1] or config.projector.pixel_shuffle != 1:
+            raise ValueError(
+                f"anyres images need a square token grid per tile without pixel shuffle; got {grid[0]}x{grid[1]} "
+                f"patches and projector.pixel_shuffle={config.projector.pixel_shuffle}"
+            )
+        self.anyres_processor = AnyresImageProcessor(tile_size=config.vision.img_size, **fields)
+        layout = AnyresLayout(config.vision.img_size, grid[0], self.anyres_processor.grid_pinpoints, max_tiles)
+        self.packer = AnyresPacker(config.decoder.n_embd, layout)
+
+    @property
+    def processor(self) -> AnyresImageProcessor:
+        return self.anyres_processor
+
+    @property
+    def image_seq_len(self) -> int:
+        raise ValueError(
+            "an anyres model's pictures take a number of <image> tokens that depends on their size: use "
+            "model.num_image_tokens(image)"
+        )
+
+    def num_image_tokens(self, image: AnyresImage) -> int:
+        """The ``<image>`` placeholders ``image`` takes in a prompt (the length of its packed tokens)."""
+        return self.packer.layout.num_tokens(*image.size, split=image.split)
+
+    def encode_images(self, images: Sequence[AnyresImage]) -> torch.Tensor:
+        """Pictures -> their packed tokens one after the other, ``(total_tokens, n_embd)``, ready to splice.
+
+        Every tile of every picture goes through the tower and the projector in one batch.
+        """
+        pixels = torch.cat([image.pixels for image in images])  # (sum K, 3, S, S)
+        tiles = self.projector(self.vision(pixels))  # (sum K, g*g, n_embd)
+        counts = [image.pixels.size(0) for image in images]
+        return torch.cat([self.packer(t, image.size) for image, t in zip(images, tiles.split(counts), strict=True)])
+
+    def embed(
+        self, input_ids: torch.Tensor, images: Sequence[AnyresImage] | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the ``<image>`` placeholders replaced, in order, by the pictures' packed tokens.
+
+        Args:
+            input_ids: ``(B, T)``.
+            images: the pictures, in the order their placeholders appear in the batch.
+            image_embeds: ``(total_tokens, n_embd)`` from ``encode_images``, instead of ``images``.
+
+        Returns:
+            ``(B, T, n_embd)``.
+        """
+        x = self.decoder.wte(input_ids)  # (B, T, C)
+        if image_embeds is None and images is not None:
+            image_embeds = self.encode_images(images)
+        if image_embeds is not None and image_embeds.dim() != 2:
+            raise ValueError(
+                f"image_embeds of an anyres model are every picture's tokens in a row, (total_tokens, n_embd); got "
+                f"{tuple(image_embeds.shape)}"
+            )
+        n_tokens = 0 if image_embeds is None else image_embeds.size(0)
+        if not torch.compiler.is_compiling():
+            self.check_image_tokens(input_ids, n_tokens)
+        if n_tokens:
+            # MMGPT's splice: the k-th placeholder of the batch (row-major) takes the k-th token.
+            B, T, C = x.shape
+            is_image = input_ids == self.config.image_token_id  # (B, T)
+            order = is_image.flatten().cumsum(0).sub(1).clamp(min=0)  # (B*T,)
+            spliced = image_embeds.to(x.dtype)[order].view(B, T, C)
+            x = torch.where(is_image[..., None], spliced, x)
+        return x
+
+    def check_inputs(
+        self, input_ids: torch.Tensor, images: Sequence[AnyresImage] | None, position_ids: torch.Tensor | None = None
+    ) -> None:
+        """As ``MMGPT.check_inputs``, with pictures of their own token counts."""
+        self.check_image_tokens(input_ids, sum(self.num_image_tokens(im) for im in images or ()))
+        if hasattr(self.decoder, "check_positions"):  # the native decoder's RoPE table ends at block_size
+            T = input_ids.size(1)
+            self.decoder.check_positions(position_ids if position_ids is not None else torch.arange(T))
+
+    def check_image_tokens(self, input_ids: torch.Tensor, n_tokens: int) -> None:
+        """Raise if ``input_ids`` does not hold exactly ``n_tokens`` placeholders (the pictures' tokens in all)."""
+        found = int((input_ids == self.config.image_token_id).sum())
+        if found != n_tokens:
+            raise ValueError(
+                f"the input has {found} <image> tokens but the pictures make {n_tokens}; write each picture's "
+                f"model.num_image_tokens(image) placeholders (anyres.repeat_image_markers)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _side(value: Any, name: str, problems: list[str]) -> int | None:
+    """A square size from an int or an ``(h, w)`` pair."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"vision_config.{name}={value!r} (expected one positive int: square images and patches)")
+        return None
+    return value
+
+
+def max_tiles_from_hf(vision_aspect_ratio: Any) -> int:
+    """``"anyres_max_9"`` -> 9, or a ``ValueError``."""
+    m = _ASPECT.match(vision_aspect_ratio) if isinstance(vision_aspect_ratio, str) else None
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(f"vision_aspect_ratio={vision_aspect_ratio!r} (expected 'anyres_max_N', N >= 1)")
+    return int(m.group(1))
+
+
+def mmgpt_config_from_llava_onevision(
+    hf_config, image_processor: dict[str, Any] | None = None, processor: dict[str, Any] | None = None,
+    backend: str | None = None,
+) -> tuple[MMGPTConfig, dict[str, Any]]:
+    """The ``MMGPTConfig`` and anyres settings of a LLaVA-OneVision model, or a ``ValueError`` naming every field
+    that does not fit.
+
+    Args:
+        hf_config: a ``transformers.LlavaOnevisionConfig`` (SigLIP tower, Qwen2 text model).
+        image_processor: the saved ``LlavaOnevisionImageProcessor`` config (its JSON as a dict). None: the model's
+            grid pinpoints with mean = std = 0.5 and bicubic resizing, what the released models ship.
+        processor: the saved ``LlavaOnevisionProcessor`` config (``num_image_tokens``,
+            ``vision_feature_select_strategy``, ``vision_aspect_ratio``), checked against the model's.
+        backend: whose resize the processor equals, ``"torchvision"`` or ``"pil"`` (``AnyresImageProcessor``).
+
+    Returns:
+        ``(config, anyres)``: ``AnyresMMGPT(config, anyres)`` computes the same logits once
+        ``import_llava_onevision`` has copied the weights, and its ``processor`` makes HF's pixels.
+    """
+    vc, tc = hf_config.vision_config, hf_config.text_config
+    problems: list[str] = []
+    if vc.model_type != "siglip_vision_model":
+        problems.append(f"vision_config.model_type={vc.model_type!r} (expected 'siglip_vision_model')")
+    if tc.model_type not in TEXT_MODEL_TYPES:
+        problems.append(f"text_config.model_type={tc.model_type!r} (expected one of {list(TEXT_MODEL_TYPES)})")
+    if problems:  # the fields below are only meaningful for SigLIP and Qwen2
+        raise ValueError("the LLaVA-OneVision model does not fit mmgpt: " + "; ".join(problems))
+    image_size = _side(vc.image_size, "image_size", problems)
+    patch_size = _side(vc.patch_size, "patch_size", problems)
+    if vc.num_channels != 3:
+        problems.append(f"vision_config.num_channels={vc.num_channels} (expected 3)")
+    if vc.hidden_act not in HF_ACT_TO_TIMM:
+        problems.append(f"vision_config.hidden_act={vc.hidden_act!r} (expected one of {sorted(HF_ACT_TO_TIMM)})")
+    if vc.layer_norm_eps != TIMM_SIGLIP_LN_EPS:
+        problems.append(
+            f"vision_config.layer_norm_eps={vc.layer_norm_eps} (expected {TIMM_SIGLIP_LN_EPS}, as timm's SigLIP)"
+        )
+    if vc.hidden_size % vc.num_attention_heads:
+        problems.append(
+            f"vision_config.hidden_size={vc.hidden_size} is not a multiple of num_attention_heads="
+            f"{vc.num_attention_heads}"
+        )
+    mlp_ratio = timm_mlp_ratio(vc.hidden_size, vc.intermediate_size)
+    if mlp_ratio is None:
+        problems.append(f"vision_config.intermediate_size={vc.intermediate_size} is not reachable as a timm mlp_ratio")
+    grid = None
+    if image_size and patch_size:
+        if image_size % patch_size:
+            problems.append(f"vision_config.image_size={image_size} is not a multiple of patch_size={patch_size}")
+        else:
+            grid = image_size // patch_size
+    if hf_config.vision_feature_select_strategy != "full":
+        problems.append(
+            f"vision_feature_select_strategy={hf_config.vision_feature_select_strategy!r} (expected 'full': SigLIP "
+            f"has no CLS token to drop)"
+        )
+    feature_layer = None
+    try:
+        feature_layer = _feature_layer_from_hf(hf_config.vision_feature_layer, vc.num_hidden_layers)
+    except ValueError as e:
+        problems.append(str(e))
+    if hf_config.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act={hf_config.projector_hidden_act!r} (expected 'gelu')")
+    max_tiles = None
+    try:
+        max_tiles = max_tiles_from_hf(hf_config.vision_aspect_ratio)
+    except ValueError as e:
+        problems.append(str(e))
+    pinpoints = [list(p) for p in hf_config.image_grid_pinpoints or ()]
+    image_token_id = getattr(hf_config, "image_token_id", None)
+    if image_token_id is None or not 0 <= image_token_id < tc.vocab_size:
+        problems.append(
+            f"image_token_index={image_token_id} is outside the text model's vocabulary "
+            f"(text_config.vocab_size={tc.vocab_size})"
+        )
+
+    anyres_processor = None
+    if image_processor is not None:
+        try:
+            anyres_processor = AnyresImageProcessor.from_hf(image_processor, "the saved image processor", backend)
+        except ValueError as e:
+            problems.append(str(e))
+    elif image_size:
+        try:
+            anyres_processor = AnyresImageProcessor(
+                tile_size=image_size, grid_pinpoints=pinpoints, mean=(0.5,) * 3, std=(0.5,) * 3, backend=backend
+            )
+        except ValueError as e:
+            problems.append(f"image_grid_pinpoints: {e}")
+    if anyres_processor is not None and image_size:
+        if anyres_processor.tile_size != image_size:
+            problems.append(
+                f"the image processor's size is {anyres_processor.tile_size} px, but the vision tower takes "
+                f"{image_size} px images (vision_config.image_size)"
+            )
+        if anyres_processor.grid_pinpoints != pinpoints:
+            problems.append(
+                f"the image processor's image_grid_pinpoints {anyres_processor.grid_pinpoints} differ from the "
+                f"model's {pinpoints} (the model unpads by its own)"
+            )
+    if processor:
+        n = processor.get("num_image_tokens")
+        if grid and n is not None and n != grid * grid:
+            problems.append(f"the processor's num_image_tokens={n}, but a tile makes {grid}x{grid} = {grid * grid}")
+        strategy = processor.get("vision_feature_select_strategy")
+        if strategy not in (None, "full"):
+            problems.append(
+                f"the processor's vision_feature_select_strategy={strategy!r} (expected 'full': it would count one "
+                f"token fewer than the model makes)"
+            )
+        ratio = processor.get("vision_aspect_ratio", "anyres_max_9")
+        if ratio != hf_config.vision_aspect_ratio:
+            problems.append(
+                f"the processor's vision_aspect_ratio={ratio!r} differs from the model's "
+                f"{hf_config.vision_aspect_ratio!r}"
+            )
+    if problems:
+        raise ValueError("the LLaVA-OneVision model does not fit mmgpt: " + "; ".join(problems))
+
+    vision = VisionConfig(
+        name=TIMM_SIGLIP,
+        img_size=image_size,
+        patch_size=patch_size,
+        overrides=dict(
+            embed_dim=vc.hidden_size, depth=vc.num_hidden_layers, num_heads=vc.num_attention_heads,
+            mlp_ratio=mlp_ratio, act_layer=HF_ACT_TO_TIMM[vc.hidden_act],
+        ),
+        feature_layer=feature_layer,
+        final_norm=False,  # a hidden state, before post_layernorm
+    )
+    text = tc.to_dict()
+    # The top-level flag decides (transformers ties lm_head to the text embeddings by it alone).
+    text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)
+    # transformers builds a model in its config's dtype: the saved one (bfloat16 for the released checkpoints)
+    # would make the decoder alone bfloat16. mmgpt models are float32 until cast (import_llava_onevision's dtype).
+    text["dtype"] = None
+    decoder = DecoderConfig(
+        vocab_size=tc.vocab_size, backend="hf", hf_config=text, tie_embeddings=bool(hf_config.tie_word_embeddings)
+    )
+    config = MMGPTConfig(
+        vision=vision,
+        projector=ProjectorConfig(
+            pixel_shuffle=1, mlp_depth=2, hidden_dim=tc.hidden_size, bias=bool(hf_config.multimodal_projector_bias),
+            input_norm=False,
+        ),
+        decoder=decoder,
+        image_token_id=image_token_id,
+    )
+    fields = {k: v for k, v in anyres_processor.to_dict().items() if k not in ("tile_size", "backend")}
+    # The backend only as asked for: None follows whatever environment the model is loaded in.
+    return config, {**fields, "backend": backend, "max_tiles": max_tiles}
+
+
+def read_llava_onevision_config(hf_dir: str | Path):
+    """Read ``config.json`` of a saved LLaVA-OneVision model (local only, nothing is downloaded).
+
+    Returns:
+        A ``transformers.LlavaOnevisionConfig``.
+    """
+    from transformers import LlavaOnevisionConfig
+
+    file = Path(hf_dir) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{hf_dir} is not a saved HF model: config.json is missing")
+    model_type = json.loads(file.read_text()).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ValueError(f"{file}: model_type={model_type!r}, expected {MODEL_TYPE!r} ({ARCHITECTURES[0]})")
+    return LlavaOnevisionConfig.from_pretrained(str(hf_dir), local_files_only=True)
+
+
+def is_llava_onevision_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a saved LLaVA-OneVision model (its ``config.json`` names one), read without torch."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == MODEL_TYPE or bool(set(config.get("architectures") or ()) & set(ARCHITECTURES))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Sort a checkpoint's tensors into vision / projector / newline / language (``Qwen2ForCausalLM`` keys)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}, "newline": {}, "language": {}}
+    unknown = []
+    for key, value in tensors.items():
+        for group, pattern in _KEY_GROUPS:
+            m = pattern.match(key)
+            if m:
+                rest = m.group(1)
+                if group == "lm_head":
+                    groups["language"][rest] = value
+                elif group == "language":
+                    groups["language"]["model." + rest] = value
+                else:
+                    groups[group][rest] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{where}: tensors that are not part of a LLaVA-OneVision model: {sorted(unknown)[:10]}")
+    return groups
+
+
+def llava_onevision_state_dict(
+    tensors: dict[str, torch.Tensor], config: MMGPTConfig, expected: dict[str, torch.Tensor], n_blocks: int,
+    where: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """A LLaVA-OneVision checkpoint's tensors -> the ``AnyresMMGPT`` state dict of ``config``.
+
+    Args:
+        tensors: every tensor of the checkpoint, under its saved keys.
+        config: the model's config (``mmgpt_config_from_llava_onevision``).
+        expected: the state dict of an ``AnyresMMGPT`` of that config (its keys and shapes are what must be filled).
+        n_blocks: the vision blocks the model keeps (up to the feature layer).
+        where: how errors name the checkpoint.
+
+    Raises:
+        ValueError: a tensor the config implies is missing, one it has no place for, or one of another shape
+            (naming them).
+    """
+    groups = _split_tensors(tensors, where)
+    vision, projector, language = groups["vision"], dict(groups["projector"]), dict(groups["language"])
+    newline = dict(groups["newline"])
+    try:
+        state, left = vit_from_hf(vision, n_blocks, SIGLIP_HIDDEN_LAYOUT)
+        state = {"vision.model." + k: v for k, v in state.items()}
+        names = ("weight", "bias") if config.projector.bias else ("weight",)
+        for x in names:
+            state[f"projector.mlp.0.{x}"] = projector.pop(f"linear_1.{x}")
+            state[f"projector.mlp.2.{x}"] = projector.pop(f"linear_2.{x}")
+        state["packer.image_newline"] = newline.pop("image_newline")
+    except KeyError as e:
+        raise ValueError(f"{where}: the checkpoint has no tensor {e.args[0]!r}, which the config implies") from e
+    if config.decoder.tie_embeddings:
+        # Tied: the head is the embedding matrix, whether or not the checkpoint also saved it under lm_head.
+        head = language.pop("lm_head.weight", None)
+        embed = language.get("model.embed_tokens.weight")
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            raise ValueError(f"{where}: tie_word_embeddings is true, but lm_head.weight differs from embed_tokens")
+        if embed is not None:
+            language["lm_head.weight"] = embed
+    language = {k: v for k, v in language.items() if not _UNUSED_LANGUAGE.match(k)}
+    state.update({"decoder.model." + k: v for k, v in language.items()})
+
+    extra = [
+        f"vision_tower.{k}" for k in left
+        if not _UNUSED_VISION.match(k) and not ((m := _LATER_LAYER.match(k)) and int(m.group(1)) >= n_blocks)
+    ]
+    extra += [f"multi_modal_projector.{k}" for k in projector]
+    extra += [_hf_name(k) for k in state if k not in expected]
+    missing = [_hf_name(k) for k in expected if k not in state]
+    wrong = [f"{_hf_name(k)} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks tensors the config implies: {sorted(missing)[:10]}")
+    if extra:
+        raise ValueError(f"{where}: tensors the config has no place for: {sorted(extra)[:10]}")
+    if wrong:
+        raise ValueError(f"{where}: tensors of another shape than the config implies: {sorted(wrong)[:10]}")
+    return state
+
+
+def _hf_name(key: str) -> str:
+    """An ``AnyresMMGPT`` state-dict key as errors name it: the language model's tensors by their
+    ``Qwen2ForCausalLM`` keys (those the checkpoint's are mapped to)."""
+    prefix = "decoder.model."
+    return f"language_model {key[len(prefix):]}" if key.startswith(prefix) else key
+
+
+def import_llava_onevision(
+    hf_dir: str | Path, dtype: torch.dtype | None = None, backend: str | None = None
+) -> AnyresMMGPT:
+    """Load a saved HF ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) as an ``AnyresMMGPT`` with the
+    same logits.
+
+    Feed it ``model.processor(picture)`` for each picture (``split=False`` for each of several in one prompt), a
+    prompt with ``model.num_image_tokens(image)`` ``<image>`` placeholders per picture, and the pictures as
+    ``images=[...]`` or ``image_embeds=model.encode_images([...])``.
+
+    Args:
+        hf_dir: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index), and the processor
+            saved beside it (``processor_config.json`` or ``preprocessor_config.json``; without one, the released
+            models' preprocessing with a warning).
+        dtype: cast the weights to this dtype (default: float32, as every freshly built mmgpt model).
+        backend: whose resize the processor equals (``AnyresImageProcessor.backend``; default transformers').
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ValueError: the config or the saved processor does not fit mmgpt (naming every field), or the checkpoint
+            lacks a tensor the config implies or holds one it has no place for.
+    """
+    hf_dir = Path(hf_dir)
+    hf_config = read_llava_onevision_config(hf_dir)
+    image_processor, processor = _saved_processor(hf_dir)
+    if image_processor is None:
+        warnings.warn(
+            f"{hf_dir}: no image processor config (processor_config.json or preprocessor_config.json); processing "
+            f"pictures as the released models do (mean = std = 0.5, bicubic); save the model's processor beside it "
+            f"to be sure",
+            stacklevel=2,
+        )
+    config, anyres = mmgpt_config_from_llava_onevision(hf_config, image_processor, processor, backend)
+    model = AnyresMMGPT(config, anyres)
+    n_blocks = len(model.vision.model.blocks)  # VisionTower pruned the blocks after the feature layer
+    state = llava_onevision_state_dict(_read_safetensors(hf_dir), config, model.state_dict(), n_blocks, str(hf_dir))
+    model.load_state_dict(state, strict=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_llava_onevision_tokenizer(hf_dir: str | Path, image_token_id: int | None = None):
+    """The tokenizer saved with a LLaVA-OneVision model, with its processor's chat template, ready for generation
+    (left padding; eos as pad when it has none).
+
+    Raises:
+        ValueError: the tokenizer's ``<image>`` is not the model's image token.
+    """
+    from transformers import AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    template = _saved_chat_template(hf_dir)
+    if template is not None:
+        tokenizer.chat_template = template
+    if image_token_id is not None and tokenizer.convert_tokens_to_ids(IMAGE) != image_token_id:
+        raise ValueError(
+            f"{hf_dir}: the tokenizer's {IMAGE} is id {tokenizer.convert_tokens_to_ids(IMAGE)}, but the model's "
+            f"image_token_index is {image_token_id}"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+__all__ = [
+    "AnyresMMGPT", "import_llava_onevision", "load_llava_onevision_tokenizer", "mmgpt_config_from_llava_onevision",
+    "read_llava_onevision_config", "llava_onevision_state_dict", "is_llava_onevision_dir", "max_tiles_from_hf",
+    "ARCHITECTURES", "MODEL_TYPE",
+]
