@@ -3,6 +3,7 @@
     python benchmarks/serve.py                          # the shipped model, 16 clients, 64 requests
     python benchmarks/serve.py --clients 8 --requests 128
     python benchmarks/serve.py --model runs/shapes/export --max-batch-size 32
+    python benchmarks/serve.py --random-model 384 8      # a wider decoder (n_embd 384, 8 layers), random weights
 
 The server runs as its own process (``python -m mmgpt.commands.serve``), as it would be deployed; the clients are
 coroutines of this one, each with a keep-alive HTTP connection, sending OpenAI chat completion requests: a mix of
@@ -14,7 +15,13 @@ Every concurrent answer must equal the serial answer to the same request: batchi
 * **requests/s**: requests / wall time of the phase.
 * **tokens/s**: completion tokens (``usage.completion_tokens``, eos included) / wall time.
 * **latency p50 / p95**: per request, from sending it to the end of its response.
-* **mean batch**: requests per decoded batch, from the server's ``/health`` counters.
+* **mean batch**: requests per decoded batch, joined ones included, from the server's ``/health`` counters.
+* **rows/step**: rows decoded per decode step (``row_steps / steps`` of ``/health``): how full the batch runs.
+* **joined**: the share of requests that joined a running batch (continuous batching).
+
+``--random-model N_EMBD N_LAYER`` serves the shipped model's architecture with a wider, deeper decoder and random
+weights (saved to a temporary directory): its greedy answers run to max_tokens, as a larger model's longer answers
+do, and show batching where a decode step is bound by its weights rather than by Python.
 
 Prints Markdown (benchmarks/README.md records results).
 """
@@ -64,6 +71,28 @@ def requests_mix(n: int, prompts: str = "mix") -> list[dict]:
             (i - i // 3) % len(image_prompts)]
         out.append({"messages": [{"role": "user", "content": content}], "temperature": 0})
     return out
+
+
+def random_model(n_embd: int, n_layer: int, directory: Path) -> str:
+    """The shipped model's config with an ``n_embd`` x ``n_layer`` decoder (heads of 64), random weights, saved to
+    ``directory``; returns its path."""
+    import dataclasses
+
+    import torch
+
+    import mmgpt
+
+    shipped = mmgpt.load()
+    config = shipped.model.config
+    decoder = dataclasses.replace(config.decoder, n_embd=n_embd, n_layer=n_layer, n_head=n_embd // 64,
+                                  n_query_groups=n_embd // 64)
+    config = dataclasses.replace(config, decoder=decoder)
+    torch.manual_seed(0)
+    model = mmgpt.create_model(config)
+    mmgpt.Pipeline(model, shipped.tokenizer).save_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"random model: decoder n_embd {n_embd}, {n_layer} layers; {params / 1e6:.1f} M parameters\n")
+    return str(directory)
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -122,11 +151,15 @@ async def _run_phase(url: str, requests: list[dict], clients: int) -> dict:
         wall = time.perf_counter() - start
         after = (await http.get("/health")).json()
     tokens = sum(a[1] for a in answers)
-    batches = after["batches"] - before["batches"]
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in ("batches", "requests", "joined", "steps",
+                                                                        "row_steps")}
     return dict(
         answers=answers, wall=wall, rps=len(requests) / wall, tps=tokens / wall, tokens=tokens,
         p50=statistics.median(latencies), p95=statistics.quantiles(latencies, n=20)[-1],
-        batch=(after["requests"] - before["requests"]) / max(batches, 1),
+        batch=delta["requests"] / max(delta["batches"], 1),
+        # A server without these counters (before continuous batching) shows "-".
+        rows_per_step=delta["row_steps"] / delta["steps"] if delta["steps"] else None,
+        joined=delta["joined"] / len(requests) if "joined" in after else None,
     )
 
 
@@ -147,6 +180,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per phase")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--model", default=None, help="exported directory or .ckpt (default: the shipped model)")
+    parser.add_argument("--random-model", type=int, nargs=2, metavar=("N_EMBD", "N_LAYER"), default=None,
+                        help="serve the shipped architecture with this decoder width and depth, random weights")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="the server's torch threads (mmgpt serve --threads; default: torch's, one per core)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed requests first")
@@ -155,6 +190,10 @@ def main() -> None:
     args = parser.parse_args()
 
     requests = requests_mix(args.requests, args.prompts)
+    if args.random_model:
+        import tempfile
+
+        args.model = random_model(*args.random_model, Path(tempfile.mkdtemp(prefix="mmgpt-serve-bench-")))
     process, url = start_server(args)
     try:
         run_phase(url, requests_mix(args.warmup, args.prompts), min(args.clients, args.warmup))
@@ -169,11 +208,13 @@ def main() -> None:
           f"{args.requests} requests ({args.prompts}: {sum('image_url' in json.dumps(r) for r in requests)} with an "
           f"image, {serial['tokens'] / len(requests):.1f} completion tokens each), greedy, max batch "
           f"{args.max_batch_size}, server threads {args.server_threads or 'torch default'}\n")
-    print("| clients | requests/s | tokens/s | latency p50 (ms) | latency p95 (ms) | mean batch |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| clients | requests/s | tokens/s | latency p50 (ms) | latency p95 (ms) | mean batch | rows/step | joined |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for clients, r in ((1, serial), (args.clients, concurrent)):
+        rows = "-" if r["rows_per_step"] is None else f"{r['rows_per_step']:.1f}"
+        joined = "-" if r["joined"] is None else f"{r['joined']:.0%}"
         print(f"| {clients} | {r['rps']:.1f} | {r['tps']:,.0f} | {r['p50'] * 1e3:.0f} | {r['p95'] * 1e3:.0f} | "
-              f"{r['batch']:.1f} |")
+              f"{r['batch']:.1f} | {rows} | {joined} |")
     print(f"\n{args.clients} clients vs 1: {concurrent['rps'] / serial['rps']:.2f}x requests/s, "
           f"{concurrent['tps'] / serial['tps']:.2f}x tokens/s; {same}/{len(requests)} answers equal the serial ones")
     if same != len(requests):

@@ -315,13 +315,43 @@ def _model_from_lightning_checkpoint(ckpt: dict, path: Path) -> MMGPT:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
-    """``(model, tokenizer)`` from an exported directory or a Lightning ``.ckpt`` file (local paths only)."""
+    """``(model, tokenizer)`` from an exported directory, a Lightning ``.ckpt`` file, or a saved HF vision-language
+    model that mmgpt runs through its own modules (``SmolVLMForConditionalGeneration``,
+    ``Idefics3ForConditionalGeneration``, ``PaliGemmaForConditionalGeneration``: safetensors, converted on load).
+    Local paths only."""
     path = local_path(path, "path")
     if path.is_dir():
+        hf = _hf_vlm_loader(path)
+        if hf is not None:
+            model, tokenizer = hf(path)
+            check_finite(model.state_dict(), str(path))
+            return model.to(map_location), tokenizer
         return load_exported(path, map_location)
     if path.is_file():
         return load_lightning_checkpoint(path, map_location)
     raise FileNotFoundError(f"no model at {path}: expected an exported directory or a Lightning .ckpt file")
+
+
+def _hf_vlm_loader(path: Path):
+    """``hf_dir -> (model, tokenizer)`` for a saved HF model family mmgpt imports, or None (read from
+    ``config.json`` alone; the converters load only when one is needed)."""
+    from mmgpt.convert.idefics3 import is_idefics3_dir
+    from mmgpt.convert.paligemma import is_paligemma_dir
+
+    if is_idefics3_dir(path):
+        from mmgpt.convert.idefics3 import import_idefics3 as load
+        from mmgpt.convert.idefics3 import load_idefics3_tokenizer as tokenizer
+    elif is_paligemma_dir(path):
+        from mmgpt.convert.paligemma import import_paligemma as load
+        from mmgpt.convert.paligemma import load_paligemma_tokenizer as tokenizer
+    else:
+        return None
+
+    def read(hf_dir: Path):
+        model = load(hf_dir)
+        return model, tokenizer(hf_dir, model.config.image_token_id)
+
+    return read
 
 
 def load_weights(model: MMGPT, path: str | Path) -> None:

@@ -129,6 +129,10 @@ class DecoderConfig:
     # into the native decoder: the same outputs, a leaner and faster decode step, the size fields above filled
     # from its config. None: "hf" when hf_path or hf_config is given, else "native".
     backend: str | None = None
+    # Added to every RoPE position before the LM sees it (decoder.backend="hf"). PaliGemma counts positions from 1
+    # (HF's PaliGemmaModel adds 1) where mmgpt counts from 0: RoPE attention sees only differences of positions, so
+    # 0 computes the same function, and 1 gives PaliGemma's exact float roundings.
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:

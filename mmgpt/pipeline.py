@@ -25,8 +25,9 @@ from mmgpt.generation.prefix_cache import PrefixCache
 from mmgpt.generation.stopping import cut_at_stop_string
 from mmgpt.messages import image_places, parse_messages
 from mmgpt.models.image_processor import ImageInput
+from mmgpt.models.image_tiling import TilingImageProcessor, image_prompt
 from mmgpt.models.mmgpt import MMGPT
-from mmgpt.prompts import IMAGE, conversation, encode_conversation
+from mmgpt.prompts import IMAGE, content_parts, conversation, encode_conversation, reads_content_parts
 from mmgpt.tokenizer import ASSETS
 
 DEFAULT_MODEL = ASSETS / "default_model"
@@ -39,14 +40,22 @@ class ImageEmbedding:
     Pass it wherever an image goes: several questions about one image then encode it once.
     """
 
-    embeds: torch.Tensor  # (image_seq_len, n_embd), ready to splice into the prompt
+    embeds: torch.Tensor  # (image_seq_len, n_embd), ready to splice into the prompt; (tiles, ...) when tiled
+    grid: tuple[int, int] | None = None  # (rows, cols) of a tiled picture (Idefics3/SmolVLM); None otherwise
 
     def __post_init__(self) -> None:
-        if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != 2:
+        ndim = 2 if self.grid is None else 3
+        if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != ndim:
             raise TypeError(
-                "ImageEmbedding.embeds must be an (image_seq_len, n_embd) tensor from Pipeline.encode_image, got "
-                f"{type(self.embeds).__name__} of shape {tuple(getattr(self.embeds, 'shape', ()))}"
+                "ImageEmbedding.embeds must be an (image_seq_len, n_embd) tensor (tiles first for a tiled picture) "
+                f"from Pipeline.encode_image, got {type(self.embeds).__name__} of shape "
+                f"{tuple(getattr(self.embeds, 'shape', ()))}"
             )
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """``(images, image_seq_len, n_embd)``: what the model splices for this picture."""
+        return self.embeds if self.grid is not None else self.embeds[None]
 
 
 # What a prompt's image slot takes: nothing, an image, an encoded image, or a list of those (several images).
@@ -79,6 +88,9 @@ class Pipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = model.processor
+        # Idefics3/SmolVLM: a picture becomes several tiles (mmgpt.models.image_tiling), and its <image> marker the
+        # text around their placeholders.
+        self.tiled = isinstance(self.processor, TilingImageProcessor)
         # The defaults of every generate/stream call, as HF's model.generation_config; a call's keywords and
         # generation_config override them.
         self.generation_config = GenerationConfig(
@@ -115,6 +127,9 @@ class Pipeline:
         """
         load_lora_adapter(self.model, path, merge=merge)
         self.model.eval()
+        if self.prefix_cache is not None:
+            # peft merges through .data, which no tensor version records: cached turns would use the old weights.
+            self.prefix_cache.clear()
         return self
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -126,11 +141,12 @@ class Pipeline:
 
         Each entry of ``images`` is ``None``, one image, or a list of images for that prompt.
         """
-        ids, mask, per_prompt = self._tokenize(images, prompts)
+        conversations, per_prompt = self._conversations(images, prompts)
         raw = [im for ims in per_prompt for im in ims]
         if any(isinstance(im, ImageEmbedding) for im in raw):
             raise TypeError("encode() returns pixels; pass ImageEmbedding handles to generate() or stream()")
-        return ids, mask, self._pixels(raw)
+        pixels, grids = self._pixels(raw)
+        return *self._tokenize_messages(conversations, grids), pixels
 
     @torch.inference_mode()
     def encode_image(self, image: ImageInput) -> ImageEmbedding:
@@ -142,36 +158,41 @@ class Pipeline:
         Returns:
             An ``ImageEmbedding`` to pass to ``generate``/``stream`` in place of the image.
         """
-        return ImageEmbedding(self._encode_images([image])[0])
+        embeds, grids = self._encode_images([image])
+        return ImageEmbedding(embeds if self.tiled else embeds[0], grids[0] if self.tiled else None)
 
-    def _tokenize(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
+    def _conversations(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
+        """``(conversations, per_prompt_images)``: each prompt's template messages, checked, and its images."""
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one (or None) per prompt")
         # conversation() checks each prompt: a str or None, valid Unicode, and no "<image>" marker of its own.
         per_prompt = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        ids, mask = self._tokenize_messages(
-            [conversation(p, num_images=len(ims)) for ims, p in zip(per_prompt, prompts, strict=True)]
-        )
-        return ids, mask, per_prompt
+        conversations = [conversation(p, num_images=len(ims)) for ims, p in zip(per_prompt, prompts, strict=True)]
+        return conversations, per_prompt
 
-    def _tokenize_messages(self, conversations: Sequence[list[dict[str, str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize_messages(
+        self, conversations: Sequence[list[dict[str, str]]], grids: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Template messages (``<image>`` markers in place) -> left-padded ``(input_ids, attention_mask)``, ready
-        for the assistant's turn."""
-        rows = [
-            encode_conversation(
+        for the assistant's turn. ``grids``: each picture's ``(rows, cols)``, in marker order across the
+        conversations, when the processor tiles."""
+        texts = None if grids is None else iter([image_prompt(r, c, self.model.image_seq_len) for r, c in grids])
+        rows = []
+        for messages in conversations:
+            n = sum(m["content"].count(IMAGE) for m in messages if m["role"] != "assistant")
+            rows.append(encode_conversation(
                 self.tokenizer, _images_up_front(self.tokenizer, messages), self.model.image_seq_len,
-                add_generation_prompt=True,
-            )[0]
-            for messages in conversations
-        ]
+                add_generation_prompt=True, image_texts=None if texts is None else [next(texts) for _ in range(n)],
+            )[0])
         ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, side="left")
         return ids.to(self.device), mask.to(self.device)
 
-    def _pixels(self, images: Sequence[ImageInput], places: Sequence[str] | None = None) -> torch.Tensor | None:
-        """Processed images ``(N, 3, H, W)``; an image that cannot be read is an error naming its place (a chat
-        message's part) where ``places`` gives them."""
+    def _pixels(self, images: Sequence[ImageInput], places: Sequence[str] | None = None):
+        """``(pixels, grids)``: processed images ``(N, 3, H, W)`` (a tiled picture gives its tiles and global view)
+        and each picture's ``(rows, cols)`` when the processor tiles (else None); an image that cannot be read is
+        an error naming its place (a chat message's part) where ``places`` gives them."""
         if not images:
-            return None
+            return None, ([] if self.tiled else None)
         pixels = []
         for k, im in enumerate(images):
             try:
@@ -180,12 +201,15 @@ class Pipeline:
                 if places is None:
                     raise
                 raise _located(e, places[k]) from e
-        return torch.stack(pixels).to(self.device)
+        if self.tiled:
+            return torch.cat([p.pixels for p in pixels]).to(self.device), [(p.rows, p.cols) for p in pixels]
+        return torch.stack(pixels).to(self.device), None
 
     def _inputs(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """``(input_ids, attention_mask, image_embeds)``: images are encoded in one batch, handles reused."""
-        ids, mask, per_prompt = self._tokenize(images, prompts)
-        return ids, mask, self._embed([im for ims in per_prompt for im in ims])
+        conversations, per_prompt = self._conversations(images, prompts)
+        embeds, grids = self._embed([im for ims in per_prompt for im in ims])
+        return *self._tokenize_messages(conversations, grids), embeds
 
     def encode_chat(self, conversations: Sequence[Sequence[Mapping[str, Any]]]):
         """Conversations (HF/OpenAI-style messages, see ``chat``) -> ``(input_ids, attention_mask, image_embeds)``:
@@ -206,36 +230,45 @@ class Pipeline:
                     raise
                 raise _located(e, where) from None
             places += [place if where is None else f"{where}: {place}" for place in image_places(messages)]
-        ids, mask = self._tokenize_messages([msgs for msgs, _ in parsed])
-        return ids, mask, self._embed([im for _, ims in parsed for im in ims], places)
+        embeds, grids = self._embed([im for _, ims in parsed for im in ims], places)
+        return *self._tokenize_messages([msgs for msgs, _ in parsed], grids), embeds
 
-    def _embed(
-        self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None
-    ) -> torch.Tensor | None:
-        """``(N, image_seq_len, n_embd)`` for images and handles in order; raw images are encoded in one batch.
-        ``places`` names each image in errors (a chat message's part)."""
+    def _embed(self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None):
+        """``(embeds, grids)``: ``(N, image_seq_len, n_embd)`` for images and handles in order (a tiled picture
+        gives one per tile), raw images encoded in one batch; and each picture's ``(rows, cols)`` when the
+        processor tiles (else None). ``places`` names each image in errors (a chat message's part)."""
         if not flat:
-            return None
+            return None, ([] if self.tiled else None)
         shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
         for k, im in enumerate(flat):
-            if isinstance(im, ImageEmbedding) and tuple(im.embeds.shape) != shape:
+            if isinstance(im, ImageEmbedding) and (
+                tuple(im.tiles.shape[1:]) != shape or (im.grid is not None) != self.tiled
+            ):
                 raise ValueError(
                     ("" if places is None else f"{places[k]}: ")
                     + f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
-                    f"{shape}; encode the image with this pipeline's encode_image"
+                    f"{shape}" + (" per tile" if self.tiled else "") + "; encode the image with this pipeline's "
+                    "encode_image"
                 )
         raw = [k for k, im in enumerate(flat) if not isinstance(im, ImageEmbedding)]
         raw_places = None if places is None else [places[k] for k in raw]
-        encoded = iter(self._encode_images([flat[k] for k in raw], raw_places))
-        embeds = [im.embeds.to(self.device) if isinstance(im, ImageEmbedding) else next(encoded) for im in flat]
-        return torch.stack(embeds)
+        embeds, grids = self._encode_images([flat[k] for k in raw], raw_places)
+        # Split the batch back into pictures (a tiled one is rows * cols + 1 images), then in flat's order.
+        sizes = [r * c + 1 if r else 1 for r, c in grids] if self.tiled else [1] * len(raw)
+        encoded = iter(zip(embeds.split(sizes), grids if self.tiled else [None] * len(raw), strict=True))
+        pictures = [(im.tiles.to(self.device), im.grid) if isinstance(im, ImageEmbedding) else next(encoded)
+                    for im in flat]
+        return torch.cat([e for e, _ in pictures]), ([g for _, g in pictures] if self.tiled else None)
 
     @torch.inference_mode()
-    def _encode_images(self, images: Sequence[ImageInput], places: Sequence[str] | None = None) -> torch.Tensor:
-        """Images -> ``(N, image_seq_len, n_embd)`` embeddings, in one batch (``N = 0``: an empty tensor)."""
+    def _encode_images(self, images: Sequence[ImageInput], places: Sequence[str] | None = None):
+        """Images -> ``(embeds, grids)``: ``(N, image_seq_len, n_embd)`` embeddings in one batch (``N = 0``: an
+        empty tensor), one per tile for a tiling processor, and the pictures' grids (None without tiling)."""
         if not images:
-            return torch.empty(0, self.model.image_seq_len, self.model.config.decoder.n_embd, device=self.device)
-        return self.model.encode_images(self._pixels(images, places))
+            empty = torch.empty(0, self.model.image_seq_len, self.model.config.decoder.n_embd, device=self.device)
+            return empty, ([] if self.tiled else None)
+        pixels, grids = self._pixels(images, places)
+        return self.model.encode_images(pixels), grids
 
     def _generation_config(
         self, generation_config: GenerationConfig | None, max_new_tokens: int | None, kwargs: dict[str, Any]
@@ -495,6 +528,8 @@ def _images_up_front(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str
     moved[asks[0]] = {**moved[asks[0]], "content": IMAGE * count + moved[asks[0]]["content"]}
 
     def render(msgs: list[dict[str, str]]) -> str:
+        if reads_content_parts(tokenizer):  # such a template drops string content: compare what it renders
+            msgs = [{**m, "content": content_parts(m["content"])} for m in msgs]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     return moved if render(moved) == render(messages) else messages

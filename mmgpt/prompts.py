@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -104,8 +104,34 @@ def conversation(prompt: str | None, target: str | None = None, num_images: int 
     return messages
 
 
+def content_parts(content: str) -> list[dict[str, str]]:
+    """A message's ``<image>``-marked text as HF's list of parts, for chat templates that read content that way
+    (SmolVLM's, and other processors' templates): an ``{"type": "image"}`` part per marker, the text around them in
+    ``{"type": "text"}`` parts."""
+    parts: list[dict[str, str]] = []
+    for k, text in enumerate(content.split(IMAGE)):
+        if k:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts or [{"type": "text", "text": ""}]
+
+
+@functools.lru_cache(maxsize=16)
+def reads_content_parts(tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads message content as a list of parts only: it drops (or refuses)
+    a plain string. Keyed by the tokenizer object, as ``_special_strings``."""
+    probe = "\U000f0000"  # a private-use character no template writes of its own accord
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    except Exception:  # a template that indexes into content as a list, under StrictUndefined
+        return True
+    return probe not in rendered
+
+
 def encode_conversation(
-    tokenizer, messages: list[dict[str, str]], image_seq_len: int, add_generation_prompt: bool = False
+    tokenizer, messages: list[dict[str, str]], image_seq_len: int, add_generation_prompt: bool = False,
+    image_texts: Sequence[str] | None = None,
 ) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
     """Render messages with the tokenizer's chat template and tokenize them, marking what the model must learn.
 
@@ -125,6 +151,10 @@ def encode_conversation(
         messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
         image_seq_len: placeholder tokens per image.
         add_generation_prompt: end with the assistant tag, ready for generation.
+        image_texts: what each ``<image>`` marker becomes, in order (a tiled picture's text,
+            ``mmgpt.models.image_tiling.image_prompt``); None: ``image_seq_len`` placeholders each. The markers
+            are replaced in the rendered text, as HF processors do, so a template that reads content as parts
+            (``reads_content_parts``) sees an image part where each marker is.
 
     Returns:
         ``(ids, supervised, turns)``: token ids, a per-token flag for assistant tokens, and each assistant
@@ -138,7 +168,10 @@ def encode_conversation(
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise TypeError(f"messages[{i}] must be a dict with a 'role' and a 'content' string, got {m!r:.80}")
         check_text(m.get("content"), f"messages[{i}] ({m['role']}) content")
-    key = (tuple(tuple(m.items()) for m in messages), image_seq_len, add_generation_prompt)
+    key = (
+        tuple(tuple(m.items()) for m in messages), image_seq_len, add_generation_prompt,
+        None if image_texts is None else tuple(image_texts),
+    )
     ids, supervised, turns = _encode_cached(tokenizer, *key)
     return list(ids), list(supervised), list(turns)
 
@@ -148,20 +181,36 @@ def encode_conversation(
 # two tokenizers never share entries (the caller must not change a tokenizer's template after using it).
 @functools.lru_cache(maxsize=16384)
 def _encode_cached(
-    tokenizer, messages: tuple[tuple[tuple[str, str], ...], ...], image_seq_len: int, add_generation_prompt: bool
+    tokenizer, messages: tuple[tuple[tuple[str, str], ...], ...], image_seq_len: int, add_generation_prompt: bool,
+    image_texts: tuple[str, ...] | None = None,
 ) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[tuple[int, int], ...]]:
     expanded = [dict(m) for m in messages]
     # Special-token strings in the content stand in as same-length runs of private-use characters while the
     # template renders, so the only special tokens in `text` are the template's, and every position is that of
     # the real text. Ordinary content is left as it is.
     originals = _escape_special_strings(tokenizer, expanded)
-    for m in expanded:
-        m["content"] = m["content"].replace(IMAGE, IMAGE * image_seq_len)  # markers only: the rest is escaped
+    parts = reads_content_parts(tokenizer)
+    if image_texts is None and not parts:
+        for m in expanded:
+            m["content"] = m["content"].replace(IMAGE, IMAGE * image_seq_len)  # markers only: the rest is escaped
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        if parts:
+            msgs = [{**m, "content": content_parts(m["content"])} for m in msgs]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        if image_texts is None and not parts:
+            return text
+        # The k-th marker of the rendered text is the k-th image (every other "<image>" is escaped); a rendering
+        # of the first turns holds the first markers.
+        pieces = text.split(IMAGE)
+        fills = image_texts if image_texts is not None else [IMAGE * image_seq_len] * (len(pieces) - 1)
+        if len(pieces) - 1 > len(fills):
+            raise ValueError(f"the conversation holds {len(pieces) - 1} {IMAGE} markers for {len(fills)} images")
+        return pieces[0] + "".join(f + p for f, p in zip(fills, pieces[1:], strict=False))
 
     text = render(expanded, add_generation_prompt)
+    if image_texts is not None and text.count(IMAGE) != sum(t.count(IMAGE) for t in image_texts):
+        raise ValueError(f"the conversation's {IMAGE} markers do not match its {len(image_texts)} images")
     char_spans = []  # [start, end) characters of each assistant turn in `text`
     for i, m in enumerate(expanded):
         if m["role"] != "assistant":

@@ -68,7 +68,7 @@ def test_several_images_anywhere(lively, pipeline, images):
         ids, mask, embeds = pipeline.encode_chat([messages])
         assert ids[0].tolist() == trusted_ids(pipeline, rendered)
         n = rendered.count(IMAGE)
-        assert torch.equal(embeds, pipeline._encode_images([a, b, c][:n]))
+        assert torch.equal(embeds, pipeline._encode_images([a, b, c][:n])[0])
         new = generate_ids(lively, ids, mask, image_embeds=embeds, max_new_tokens=12,
                            eos_token_id=pipeline.tokenizer.eos_token_id, pad_token_id=pipeline.tokenizer.pad_token_id)
         answers.append(pipeline.chat(messages, **KW))

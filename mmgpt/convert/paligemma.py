@@ -23,10 +23,8 @@ Details that decide whether the numbers match:
 - Prefix-LM: HF lets the tokens whose ``token_type_ids`` are 0 (image, ``<bos>``, prompt and its newline) attend
   to each other both ways, and the suffix (the answer) causally. mmgpt's ``build_attention_mask`` with the prefix
   length is the same mask; at generation time the whole prompt is the prefix, in HF and in mmgpt alike.
-- HF counts PaliGemma's positions from 1, mmgpt from 0. RoPE only sees differences of positions, so the
-  attention is the same function; the float roundings of ``cos``/``sin`` at the shifted angles are not, so logits
-  agree to float32 rounding (a few 1e-6 of their size) rather than bit for bit. Given HF's positions
-  (``MMGPT.forward(..., position_ids=...)``) they are HF's bit for bit where both run SDPA.
+- HF counts PaliGemma's positions from 1, mmgpt from 0: ``decoder.position_offset=1`` adds the 1, so the RoPE
+  angles, and with SDPA on both sides the logits of training and of every generation step, are HF's bit for bit.
 - HF's text config marks PaliGemma's Gemma ``use_bidirectional_attention``; mmgpt always passes its own masks, and
   the decoder's config switches the flag off so that a call without one is plainly causal.
 - Images: ``SiglipImageProcessor`` squashes the picture to the tower's square size with bicubic resampling and
@@ -218,7 +216,7 @@ def mmgpt_config_from_paligemma(hf_config, image_processor: dict[str, Any] | Non
     text["dtype"] = None
     decoder = DecoderConfig(
         vocab_size=tc.vocab_size, attention="prefix", backend="hf", hf_config=text,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        tie_embeddings=bool(hf_config.tie_word_embeddings), position_offset=1,  # HF counts from 1
     )
     return MMGPTConfig(
         vision=vision,

@@ -90,5 +90,5 @@ def beam_search(
                 break
             # Each beam continues from its parent's cache row.
             state.select((parent + offsets).flatten())
-            logits = state.step(running[:, :, step].flatten(), step)
+            logits = state.step(running[:, :, step].flatten())
         return finished[:, :n_return].reshape(B * n_return, N)

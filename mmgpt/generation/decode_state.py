@@ -12,6 +12,14 @@ each getting exactly the tokens it would get alone.
 
 Given a ``PrefixCache`` (``mmgpt.generation.prefix_cache``), a one-row state prefills only what follows the longest
 cached prefix of its prompt, and on closing leaves a snapshot of its cache there for the next prompt.
+
+Rows may also join between two steps (``join``: continuous batching). A joining prompt of ``L`` tokens is prefilled
+alone, in a cache of its own, and its keys and values placed in the slots just before the shared slot, exactly
+where a left-padded row of the batch would hold them, every earlier slot masked and its positions starting at 0 at
+its first real token. Keys and values do not depend on their slot (the RoPE positions are per row), so a join may
+move every row's slots when the cache lacks room (``join_slot``): the slots before the oldest row's first token
+are dropped, or empty slots opened at the front for a prompt longer than the slots in use. A joining row thus
+generates what it generates alone, as a left-padded row does.
 """
 
 from __future__ import annotations
@@ -76,6 +84,31 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def join_slot(pos: int, first: int, prompt_len: int, need: int, capacity: int) -> int | None:
+    """The slot where the next step writes after prompts join a batch (``DecodeState.join``), or ``None`` when they
+    do not fit: the batch's next step writes slot ``pos``, its rows begin at slot ``first``, the prompts have
+    ``prompt_len`` tokens (left-padded) and every row, theirs included, may then need ``need`` more slots.
+
+    The slots stay where they are when the prompts fit before ``pos`` and every row after it (rows take the cache
+    rows of those that left, and nothing is copied); otherwise they move so that the oldest row begins at slot 0,
+    or the prompt if it is longer (a copy of the cache).
+    """
+    if prompt_len <= pos and pos + need <= capacity:
+        return pos
+    slot = max(prompt_len, pos - first)
+    return slot if slot + need <= capacity else None
+
+
+def _shifted(key_valid: torch.Tensor, shift: int) -> torch.Tensor:
+    """``key_valid`` ``(B, S)`` with every slot moved by ``shift``: empty (False) slots opened at the front, or
+    slots dropped there and unwritten (True: to be filled by later steps) ones added at the end."""
+    if shift > 0:
+        return torch.cat([key_valid.new_zeros(key_valid.size(0), shift), key_valid[:, :-shift]], dim=1)
+    if shift < 0:
+        return torch.cat([key_valid[:, -shift:], key_valid.new_ones(key_valid.size(0), -shift)], dim=1)
+    return key_valid
+
+
 def decode_step(
     decoder: torch.nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -89,8 +122,9 @@ class DecodeState:
     """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
 
     Building one checks and lays out the batch, then takes the model's lock; ``prefill`` runs the model over the
-    prompts, ``step`` feeds one token per row, ``select(rows)`` keeps, repeats or reorders rows everywhere at once,
-    and ``close`` frees the cache and the lock (also on leaving a ``with`` block).
+    prompts, ``step`` feeds one token per row, ``select(rows)`` keeps, repeats or reorders rows everywhere at once
+    (finished rows leave), ``join`` adds prompts as rows between two steps, and ``close`` frees the cache and the
+    lock (also on leaving a ``with`` block).
 
     Args:
         model: the model; its decoder holds the KV cache while this state is open, so one state per model at a
@@ -99,6 +133,8 @@ class DecodeState:
         input_ids: ``(B, T)`` left-padded prompts.
         attention_mask: ``(B, T)``, 1 on real tokens; ``None`` = no padding.
         max_new_tokens: the most tokens any row will generate (sizes the cache).
+        capacity: the cache's slots (default ``T + max_new_tokens``, at most ``decoder.block_size``); more leaves
+            room for rows that ``join`` later.
         use_cache: False re-runs the whole sequence each step (the reference path).
         compile: run the decode step through ``torch.compile``. Dynamic shapes: the attended slots grow by one per
             step and one graph serves every length (a static graph would attend to the whole cache, which costs
@@ -112,7 +148,7 @@ class DecodeState:
     def __init__(
         self, model: MMGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
         use_cache: bool = True, compile: bool = False, track_seen: bool = False,
-        prefix_cache: PrefixCache | None = None,
+        prefix_cache: PrefixCache | None = None, capacity: int | None = None,
     ) -> None:
         B, T = input_ids.shape
         device = input_ids.device
@@ -127,6 +163,13 @@ class DecodeState:
                 f"prompt ({T} tokens, images included) + max_new_tokens ({max_new_tokens}) = {S} exceeds "
                 f"decoder.block_size={block_size}; shorten the prompt or lower max_new_tokens"
             )
+        if capacity is not None:
+            if not S <= capacity <= block_size:
+                raise ValueError(
+                    f"capacity={capacity} must hold the prompt and max_new_tokens ({S}) and be at most "
+                    f"decoder.block_size={block_size}"
+                )
+            S = capacity
         self.model, self.decoder, self.input_ids, self.T, self.use_cache = model, model.decoder, input_ids, T, use_cache
         self.compile, self.step_fn = compile, None  # the step function, made at the first step
         # Prefix-LM: the whole left-padded prompt (image included) ends at slot T in every row.
@@ -134,8 +177,9 @@ class DecodeState:
         self.slots = torch.arange(S, device=device)
         self.key_valid = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S): False on left padding
         self.key_valid[:, :T] = attention_mask.bool()
-        pad_len = T - attention_mask.sum(dim=1)  # (B,)
-        self.position_ids = (self.slots[None, :] - pad_len[:, None]).clamp(min=0)  # (B, S): real tokens from 0
+        self.start = T - attention_mask.sum(dim=1)  # (B,): each row's first real slot (after its left padding)
+        self.position_ids = (self.slots[None, :] - self.start[:, None]).clamp(min=0)  # (B, S): real tokens from 0
+        self.pos = T  # the slot the next step writes: every row's newest token goes there
         # The prompt's real tokens and the output so far, for the repetition penalty (padding is in no prompt).
         self.seen = None
         if track_seen:
@@ -214,7 +258,7 @@ class DecodeState:
         """Keep / repeat / reorder batch rows (``rows`` index the current rows)."""
         if rows.numel() != 1:
             self.fed = None  # the rows now hold several continuations: only the prompt is common to them
-        self.key_valid, self.position_ids = self.key_valid[rows], self.position_ids[rows]
+        self.key_valid, self.position_ids, self.start = self.key_valid[rows], self.position_ids[rows], self.start[rows]
         if self.seen is not None:
             self.seen = self.seen[rows]
         if self.use_cache:
@@ -223,14 +267,15 @@ class DecodeState:
         else:
             self.embeds = self.embeds[rows]
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """Feed token ``step`` (0-based, ``(b,)``) and return the next logits ``(b, V)``."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row's next token ``(b,)`` into slot ``pos`` and return the next logits ``(b, V)``."""
         # A stream may be resumed from another thread (a web server's worker pool): the lock's owner is the thread
         # decoding now, so the thread that started it can run other generations, which then wait their turn.
         self.lock.owner = threading.get_ident()
         if self.seen is not None:
             self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
-        pos = self.T + step
+        pos = self.pos
+        self.pos = pos + 1
         if not self.use_cache:
             self.embeds = torch.cat([self.embeds, self.decoder.wte(tokens[:, None])], dim=1)  # (b, pos + 1, C)
             mask = build_attention_mask(self.key_valid[:, : pos + 1], self.slots[: pos + 1], self.prefix_end)
@@ -249,6 +294,102 @@ class DecodeState:
         if self.fed is not None and self.written == pos:
             self.fed.append(tokens[:1])  # a tensor: reading its value would wait for the device every step
             self.written = pos + 1
+        return logits
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can ``join``: the KV cache on, and a decoder that can add rows to it (the native one;
+        HF's ``DynamicCache`` of plain full-attention layers)."""
+        return self.use_cache and not self.closed and self.decode_mask is not None and self.decoder.kv_cache_joinable
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.numel()
+
+    @property
+    def first_slot(self) -> int:
+        """The first slot any row uses (its first real token); ``pos`` when there are no rows."""
+        return int(self.start.min()) if self.start.numel() else self.pos
+
+    def join(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, images: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None, copies: torch.Tensor | None = None, slot: int | None = None,
+    ) -> torch.Tensor:
+        """Add prompts as new rows, last, between two steps; returns their next-token logits ``(n, V)``.
+
+        Call it when every row's logits are those of its newest token (after ``prefill`` or ``step``): the new rows'
+        first tokens then go into slot ``pos`` with everyone's next one. Their prompts, left-padded to ``L`` tokens,
+        are prefilled alone in a cache of their own and placed at slots ``[s - L, s)``; the running rows' slots
+        move by ``s - pos`` (see the module docstring), so that ``pos`` becomes ``s``. Their repetition-penalty
+        history is their prompt's. A state that rows joined keeps no prompt prefix (its slots have moved).
+
+        Args:
+            input_ids: ``(n, L)`` left-padded prompts.
+            attention_mask: ``(n, L)``, 1 on real tokens; ``None`` = no padding.
+            images, image_embeds: as ``prefill``, for these prompts' ``<image>`` placeholders.
+            copies: ``(k,)`` indices into the ``n`` prompts: the rows to add (a prompt repeated for several
+                samples is prefilled once), as ``select``; default one row per prompt.
+            slot: ``s``, from ``join_slot`` (which checks that every row fits the cache after it); default: the
+                slots move so that the oldest row's first token, or the longer prompt's, is at slot 0.
+
+        Raises:
+            RuntimeError: the state cannot take rows (``joinable`` is False).
+            ValueError: ``slot`` cannot hold the prompts before it or the running rows' slots.
+        """
+        if not self.joinable:
+            raise RuntimeError(
+                "rows cannot join this decode: it needs the KV cache on and a decoder that can add rows to it"
+            )
+        self.lock.owner = threading.get_ident()  # as in step: the decode may be driven from another thread now
+        n, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        S, used = self.capacity, self.pos - self.first_slot
+        s = max(L, used) if slot is None else slot
+        if not max(L, used) <= s <= S:
+            raise ValueError(
+                f"prompts of {L} tokens cannot join at slot {s}: the running rows use {used} slots before the next "
+                f"one, and the cache has {S}"
+            )
+        shift = s - self.pos
+        local = self.slots[:L]
+        valid = attention_mask.bool()  # (n, L)
+        pad = L - attention_mask.sum(dim=1)  # (n,)
+        position_ids = (local[None, :] - pad[:, None]).clamp(min=0)  # (n, L)
+        x = self.model.embed(input_ids, images, image_embeds)  # (n, L, C)
+        mask = _additive(build_attention_mask(valid, local, L if self.prefix_end is not None else None), x.dtype)
+        # The new rows' prefill runs in a cache of L slots of its own; the running cache waits aside meanwhile.
+        running = self.decoder.kv_cache_stash()
+        try:
+            self.decoder.set_kv_cache(n, L, device=x.device, dtype=x.dtype)
+            logits = self.decoder(
+                inputs_embeds=x, input_pos=local, position_ids=position_ids, attn_mask=mask, logits_to_keep=1
+            )[:, -1]  # (n, V)
+            kv = self.decoder.kv_cache_copy(L, rows=n)
+        finally:
+            self.decoder.kv_cache_restore(running)
+        seen = None
+        if self.seen is not None:
+            counts = torch.zeros(n, self.seen.size(1), dtype=torch.long, device=input_ids.device)
+            seen = counts.scatter_add_(1, input_ids, attention_mask.long()) > 0  # (n, V)
+        if copies is not None:
+            kv = tuple((k[copies], v[copies]) for k, v in kv)
+            logits, valid, pad = logits[copies], valid[copies], pad[copies]
+            seen = None if seen is None else seen[copies]
+        self.decoder.kv_cache_join(kv, s, shift)
+        # The layout follows the cache: the running rows' slots move by `shift`, the new rows come last.
+        new_valid = torch.ones(valid.size(0), S, dtype=torch.bool, device=valid.device)
+        new_valid[:, : s - L] = False
+        new_valid[:, s - L : s] = valid
+        self.key_valid = torch.cat([_shifted(self.key_valid, shift), new_valid])
+        self.start = torch.cat([self.start + shift, s - L + pad])
+        self.position_ids = (self.slots[None, :] - self.start[:, None]).clamp(min=0)
+        if seen is not None:
+            self.seen = torch.cat([self.seen, seen])
+        self.decode_mask = _additive(build_attention_mask(self.key_valid, self.slots[-1:]), self.decode_mask.dtype)
+        self.pos = s
+        # Row 0's prompt no longer starts at slot 0, nor is it alone: there is no prefix to leave for a next prompt.
+        self.fed, self.prefix_cache = None, None
         return logits
 
     def _store_prefix(self) -> None:

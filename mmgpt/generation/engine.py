@@ -13,6 +13,9 @@ image take ``image_embeds`` (``model.encode_images``) to encode it once; ``num_r
 prefill a prompt once and copy its cache. ``compile=True`` runs the decode step through ``torch.compile``.
 ``prefix_cache=`` (a ``PrefixCache``) lets a one-row prompt reuse the KV cache of an earlier prompt it starts with,
 as a chat's next turn does.
+
+Both run a ``ContinuousBatch`` (``mmgpt.generation.continuous_batch``) that no prompt joins; a server drives one
+directly, adding requests to the running batch between steps and ending rows early.
 """
 
 from __future__ import annotations
@@ -26,10 +29,8 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt.generation.beam_search import beam_search
 from mmgpt.generation.config import GenerationConfig
-from mmgpt.generation.decode_state import DecodeState
+from mmgpt.generation.continuous_batch import ContinuousBatch
 from mmgpt.generation.prefix_cache import PrefixCache
-from mmgpt.generation.sampling import apply_repetition_penalty, sample
-from mmgpt.generation.stopping import StopStrings
 from mmgpt.models.mmgpt import MMGPT
 
 
@@ -90,55 +91,15 @@ def _stream(
     image_embeds: torch.Tensor | None, config: GenerationConfig, generator: torch.Generator | None,
     tokenizer: PreTrainedTokenizerBase | None, prefix_cache: PrefixCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    N, n = config.max_new_tokens, config.num_return_sequences
-    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=input_ids.device)
-    stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    if N == 0:
+    batch = ContinuousBatch(model, config, generator=generator, tokenizer=tokenizer, prefix_cache=prefix_cache)
+    if config.max_new_tokens == 0:
         return
-    with DecodeState(
-        model, input_ids, attention_mask, N, config.use_cache, config.compile,
-        track_seen=config.repetition_penalty != 1.0, prefix_cache=prefix_cache,
-    ) as state:
-        logits = state.prefill(images, image_embeds)
-        # One prefill per prompt; its cache is then copied to the prompt's num_return_sequences rows.
-        rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat_interleave(n)
-        if n > 1:
-            state.select(rows)
-            logits = logits[rows]
-            rows = torch.arange(rows.numel(), device=rows.device)
-        history = torch.zeros(rows.numel(), N, dtype=torch.long, device=rows.device) if stops else None
-        # Eager steps drop finished rows from the batch. A compiled step keeps them, since every batch size is a
-        # graph of its own, and `alive` (None: all rows) hides them instead.
-        alive = None
-        for step in range(N):
-            logits = apply_repetition_penalty(logits, state.seen, config.repetition_penalty)
-            tokens = sample(
-                logits, config.do_sample, config.temperature, config.top_k, config.top_p, config.min_p, generator
-            )  # (b,)
-            live_rows, live_tokens = (rows, tokens) if alive is None else (rows[alive], tokens[alive])
-            yield live_rows, live_tokens
-            if step == N - 1:
-                break
-            finished = torch.isin(live_tokens, eos) if eos.numel() else None
-            if stops is not None:
-                history[live_rows, step] = live_tokens
-                hit = [stops.hit(history[r, : step + 1]) for r in live_rows.tolist()]
-                hit = torch.tensor(hit, dtype=torch.bool, device=tokens.device)
-                finished = hit if finished is None else finished | hit
-            if finished is not None and bool(finished.any()):
-                if config.compile:
-                    alive = torch.ones_like(rows, dtype=torch.bool) if alive is None else alive.clone()
-                    alive[alive.nonzero().squeeze(1)[finished]] = False
-                    if not bool(alive.any()):
-                        break
-                else:
-                    # Finished rows leave the batch: the cache, positions and mask drop them, so they cost nothing.
-                    keep = (~finished).nonzero().squeeze(1)
-                    if keep.numel() == 0:
-                        break
-                    rows, tokens = rows[keep], tokens[keep]
-                    state.select(keep)
-            logits = state.step(tokens, step)
+    # One batch that no row joins: the rows are 0 .. B * n - 1, and each leaves when it ends.
+    with batch:
+        batch.add(input_ids, attention_mask, images, image_embeds)
+        while batch:
+            rows, tokens, _ = batch.step()
+            yield rows, tokens
 
 
 @torch.inference_mode()

@@ -25,6 +25,9 @@ class StopStrings:
         # string that ends in the newest one, plus a character cut at the window's start.
         self.window = max(len(s.encode()) for s in self.strings) + 4
 
-    def hit(self, ids: torch.Tensor) -> bool:
-        tail = self.tokenizer.decode(ids[-self.window :].tolist(), skip_special_tokens=True)
+    def hit(self, ids: torch.Tensor | Sequence[int]) -> bool:
+        """Whether the tail of ``ids`` (a row's tokens so far), decoded, holds a stop string."""
+        tail = ids[-self.window :]
+        tail = self.tokenizer.decode(tail.tolist() if isinstance(tail, torch.Tensor) else list(tail),
+                                     skip_special_tokens=True)
         return any(s in tail for s in self.strings)

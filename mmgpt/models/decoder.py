@@ -10,6 +10,8 @@ at small sizes a CPU decode step is dominated by per-op overhead, not FLOPs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +44,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values written at ``input_pos``: no reallocation and no ``torch.cat`` per step."""
+    """Preallocated keys/values written at ``input_pos``: no reallocation and no ``torch.cat`` per step.
+
+    ``k`` and ``v`` are the first rows of ``k_store`` and ``v_store``, which keep room for as many rows as the
+    cache has held: rows that leave (``select``) free theirs, and rows that join later (``join``) take them
+    without copying the others (continuous batching).
+    """
 
     def __init__(
         self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int,
@@ -53,11 +60,13 @@ class KVCache(nn.Module):
         # Not persistent: a cache is scratch space, never part of a checkpoint.
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.k_store, self.v_store = self.k, self.v
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # input_pos: (T,) cache slots; k, v: (B, ng, T, hs). Returns the whole cache (B, ng, S, hs).
         if self.k.dtype != k.dtype:  # only when autocast changed the compute dtype after set_kv_cache
             self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
+            self.k_store, self.v_store = self.k, self.v
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
@@ -65,7 +74,50 @@ class KVCache(nn.Module):
     def select(self, rows: torch.Tensor) -> None:
         """Keep (or repeat, or reorder) batch rows: drops finished rows, expands one prompt into several
         samples or beams, and follows beam search's choice of parents. Costs one copy, never per token."""
-        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        n = rows.numel()
+        if self.k.requires_grad:  # out= records no gradient (a cache under autograd: a test, not generation)
+            self.k_store, self.v_store = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        else:
+            stores = []
+            for old, store in ((self.k, self.k_store), (self.v, self.v_store)):
+                new = old.new_empty(max(n, store.size(0)), *old.shape[1:])  # the rows let go stay free for joins
+                torch.index_select(old, 0, rows, out=new[:n])
+                stores.append(new)
+            self.k_store, self.v_store = stores
+        self.k, self.v = self.k_store[:n], self.v_store[:n]
+
+    def join(self, k: torch.Tensor, v: torch.Tensor, end: int, shift: int) -> None:
+        """Move every row's slots by ``shift`` and append rows whose keys/values ``k``, ``v`` ``(n, ng, L, hs)``
+        fill slots ``[end - L, end)``. Without a move, and with free rows in the store, nothing else is copied;
+        otherwise the cache is copied once, as by ``select``."""
+        B, n, L = self.k.size(0), k.size(0), k.size(2)
+        if shift == 0 and self.k_store.size(0) >= B + n:
+            for store, new in ((self.k_store, k), (self.v_store, v)):
+                # Masked slots must be finite for a masked score to be -inf and not NaN; later slots are written
+                # before they are read (attention covers the slots written so far).
+                store[B : B + n, :, : end - L] = 0
+                store[B : B + n, :, end - L : end] = new
+        else:
+            rows = max(B + n, self.k_store.size(0))
+            self.k_store, self.v_store = _joined(self.k, k, end, shift, rows), _joined(self.v, v, end, shift, rows)
+        self.k, self.v = self.k_store[: B + n], self.v_store[: B + n]
+
+
+def _joined(old: torch.Tensor, new: torch.Tensor, end: int, shift: int, rows: int) -> torch.Tensor:
+    # old: (B, ng, S, hs), new: (n, ng, L, hs) -> a store of `rows` rows whose first B + n are the old rows and the
+    # new ones; slot j of an old row moves to j + shift (the slots pushed out at either end are unused: the caller
+    # checks). Slots from `end` on are not written yet and never read before they are, so they are left as
+    # allocated; the empty slots before them are zeroed (masked slots must be finite, see KVCache.join).
+    B, S, n, L = old.size(0), old.size(2), new.size(0), new.size(2)
+    out = old.new_empty(rows, old.size(1), S, old.size(3))
+    if shift >= 0:
+        out[:B, :, :shift] = 0
+        out[:B, :, shift:end] = old[:, :, : end - shift]
+    else:
+        out[:B, :, :end] = old[:, :, -shift : end - shift]
+    out[B : B + n, :, : end - L] = 0
+    out[B : B + n, :, end - L : end] = new
+    return out
 
 
 def single_query_attention(
@@ -161,9 +213,10 @@ class Block(nn.Module):
 
 class BaseDecoder(nn.Module):
     """What every decoder offers the rest of mmgpt: ``wte``, ``forward`` returning logits, and a KV cache
-    (``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``, and ``kv_cache_copy`` / ``kv_cache_load`` for a
-    prompt prefix reused by the next prompt). The native ``Decoder`` and ``HFDecoder`` implement ``decode``; the
-    splice, the loss and the whole generation engine work with either."""
+    (``set_kv_cache`` / ``kv_cache_select`` / ``clear_kv_cache``, ``kv_cache_copy`` / ``kv_cache_load`` for a
+    prompt prefix reused by the next prompt, and ``kv_cache_stash`` / ``kv_cache_restore`` / ``kv_cache_join`` for
+    rows joining a running batch). The native ``Decoder`` and ``HFDecoder`` implement ``decode``; the splice, the
+    loss and the whole generation engine work with either."""
 
     wte: nn.Module
 
@@ -213,16 +266,41 @@ class BaseDecoder(nn.Module):
         """``forward`` on embeddings ``x`` ``(B, T, n_embd)`` with ``position_ids`` filled in."""
         raise NotImplementedError
 
-    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
-        """A copy of row 0's keys and values in the first ``length`` cache slots, per layer ``(k, v)`` each
-        ``(1, n_query_groups, length, head_size)`` (HF's legacy cache layout); ``None`` where this decoder's cache
-        cannot be copied and loaded back (then generations never reuse a prompt prefix)."""
+    def kv_cache_copy(self, length: int, rows: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        """A copy of the first ``rows`` rows' keys and values in the first ``length`` cache slots, per layer
+        ``(k, v)`` each ``(rows, n_query_groups, length, head_size)`` (HF's legacy cache layout); ``None`` where
+        this decoder's cache cannot be copied and loaded back (then generations never reuse a prompt prefix, and
+        rows never join a running batch)."""
         return None
 
     def kv_cache_load(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
         """Write the first ``length`` slots of ``kv`` (from ``kv_cache_copy``) into every row of a freshly set up
         cache, as if a prefill had just written them."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a copied KV cache")
+
+    @property
+    def kv_cache_joinable(self) -> bool:
+        """Whether rows can join the cache now set up (``kv_cache_join``)."""
+        return False
+
+    def kv_cache_join(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], end: int, shift: int = 0) -> None:
+        """Add rows to the running cache between two decode steps (continuous batching).
+
+        Every row's slots first move by ``shift`` (keys and values do not depend on their slot: RoPE positions
+        are per row), dropping ``-shift`` unused slots at the front or opening ``shift`` empty ones there; then
+        rows whose keys and values ``kv`` (from ``kv_cache_copy``, ``(n, n_query_groups, L, head_size)`` per
+        layer) fill slots ``[end - L, end)`` are appended, their other slots empty. The caller masks empty slots.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot add rows to a running KV cache")
+
+    def kv_cache_stash(self) -> Any:
+        """Take the KV cache out of the decoder (none is set up after), for ``kv_cache_restore``: a second cache
+        can then be set up and used meanwhile, as a joining row's prefill does."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stash its KV cache")
+
+    def kv_cache_restore(self, stashed: Any) -> None:
+        """Put back a cache taken by ``kv_cache_stash``, dropping the one set up now."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stash its KV cache")
 
 
 class Decoder(BaseDecoder):
@@ -290,9 +368,9 @@ class Decoder(BaseDecoder):
         for block in self.h:
             block.attn.kv_cache.select(rows)
 
-    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    def kv_cache_copy(self, length: int, rows: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(
-            (block.attn.kv_cache.k[:1, :, :length].clone(), block.attn.kv_cache.v[:1, :, :length].clone())
+            (block.attn.kv_cache.k[:rows, :, :length].clone(), block.attn.kv_cache.v[:rows, :, :length].clone())
             for block in self.h
         )
 
@@ -301,6 +379,23 @@ class Decoder(BaseDecoder):
             cache = block.attn.kv_cache
             cache.k[:, :, :length] = k[:, :, :length]  # (B, ng, length, hs), row 0 broadcast to every row
             cache.v[:, :, :length] = v[:, :, :length]
+
+    @property
+    def kv_cache_joinable(self) -> bool:
+        return self.h[0].attn.kv_cache is not None
+
+    def kv_cache_join(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], end: int, shift: int = 0) -> None:
+        for block, (k, v) in zip(self.h, kv, strict=True):
+            block.attn.kv_cache.join(k, v, end, shift)
+
+    def kv_cache_stash(self) -> tuple[KVCache | None, ...]:
+        stashed = tuple(block.attn.kv_cache for block in self.h)
+        self.clear_kv_cache()
+        return stashed
+
+    def kv_cache_restore(self, stashed: tuple[KVCache | None, ...]) -> None:
+        for block, cache in zip(self.h, stashed, strict=True):
+            block.attn.kv_cache = cache
 
     @property
     def kv_cache_length(self) -> int:

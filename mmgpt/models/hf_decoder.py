@@ -5,8 +5,9 @@ attn_mask, logits_to_keep)``, ``set_kv_cache`` / ``kv_cache_select`` / ``clear_k
 loss and the whole generation engine (left padding, sampling, beams, streaming) work unchanged on Llama, Qwen2,
 GPT-2 or any other ``AutoModelForCausalLM``. Masks still come from ``build_attention_mask``: HF models take a
 prepared 4-D mask as it is. The KV cache is HF's ``DynamicCache``; its ``reorder_cache`` keeps, repeats or
-reorders rows just like the native cache's ``select``, and a prompt prefix is copied out of it and back in (a chat's
-earlier turns, ``mmgpt.generation.prefix_cache``) where every layer is a plain full-attention ``DynamicLayer``.
+reorders rows just like the native cache's ``select``, and where every layer is a plain full-attention
+``DynamicLayer`` a prompt prefix is copied out of it and back in (a chat's earlier turns,
+``mmgpt.generation.prefix_cache``) and rows join it between decode steps (continuous batching).
 
 For a Llama-family LM, ``decoder.backend="native"`` converts the weights into the native decoder instead
 (``mmgpt.convert.hf_llama``), which decodes faster; this path is for everything else and for using a checkpoint as
@@ -72,16 +73,23 @@ class HFDecoder(BaseDecoder):
     def kv_cache_select(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
 
-    def kv_cache_copy(self, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+    def _plain_layers(self) -> list | None:
+        """The cache's layers when every one is a plain full-attention ``DynamicLayer`` already written; else
+        ``None``. Only those hold every slot as written: a sliding-window layer keeps the last window only, and
+        recurrent or shared layers hold other states."""
         from transformers.cache_utils import DynamicLayer
 
         layers = getattr(self.cache, "layers", None)
-        # Only plain full-attention layers hold every slot as written: a sliding-window layer keeps the last
-        # window only, and recurrent or shared layers hold other states.
         if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
             return None
+        return layers
+
+    def kv_cache_copy(self, length: int, rows: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+        layers = self._plain_layers()
+        if layers is None:
+            return None
         return tuple(
-            (layer.keys[:1, :, :length].clone(), layer.values[:1, :, :length].clone()) for layer in layers
+            (layer.keys[:rows, :, :length].clone(), layer.values[:rows, :, :length].clone()) for layer in layers
         )
 
     def kv_cache_load(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], length: int) -> None:
@@ -89,6 +97,26 @@ class HFDecoder(BaseDecoder):
         for i, (k, v) in enumerate(kv):
             # A DynamicCache grows by concatenation: the prefix goes in as the first `length` slots written.
             self.cache.update(k[:, :, :length].expand(rows, -1, -1, -1), v[:, :, :length].expand(rows, -1, -1, -1), i)
+
+    @property
+    def kv_cache_joinable(self) -> bool:
+        return self._plain_layers() is not None
+
+    def kv_cache_join(self, kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], end: int, shift: int = 0) -> None:
+        layers = self._plain_layers()
+        if layers is None:
+            raise NotImplementedError("rows join a running KV cache only when every layer is a plain DynamicLayer")
+        for layer, (k, v) in zip(layers, kv, strict=True):
+            # A DynamicCache's length is the number of slots written: after the move it is `end`, the joining
+            # rows' last prompt slot + 1, where every row's next token goes.
+            layer.keys, layer.values = _joined(layer.keys, k, end, shift), _joined(layer.values, v, end, shift)
+
+    def kv_cache_stash(self) -> tuple:
+        stashed, self.cache, self.cache_rows = (self.cache, self.cache_rows), None, 0
+        return stashed
+
+    def kv_cache_restore(self, stashed: tuple) -> None:
+        self.cache, self.cache_rows = stashed
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -98,6 +126,8 @@ class HFDecoder(BaseDecoder):
         attn_mask: torch.Tensor | None, logits_to_keep: int, logits_at: torch.Tensor | None,
     ) -> torch.Tensor:
         T = x.size(1)
+        if self.config.position_offset:
+            position_ids = position_ids + self.config.position_offset  # (B, T)
         if input_pos is not None:
             if self.cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set up; call set_kv_cache() first")
@@ -117,6 +147,18 @@ class HFDecoder(BaseDecoder):
             logits_to_keep=logits_to_keep, **cache,
         )
         return out.logits if logits_at is None else out.logits.flatten(0, 1)[logits_at]
+
+
+def _joined(old: torch.Tensor, new: torch.Tensor, end: int, shift: int) -> torch.Tensor:
+    # old: (B, ng, P, hs), P the slots written; new: (n, ng, L, hs) -> (B + n, ng, end, hs) with P + shift == end.
+    B, ng, P, hs = old.shape
+    if shift > 0:  # empty slots open at the front
+        old = torch.cat([old.new_zeros(B, ng, shift, hs), old], dim=2)
+    elif shift < 0:  # unused slots at the front go
+        old = old[:, :, -shift:]
+    rows = old.new_zeros(new.size(0), ng, end, hs)
+    rows[:, :, end - new.size(2) :] = new
+    return torch.cat([old, rows], dim=0)
 
 
 def _scales_logits(config) -> bool:

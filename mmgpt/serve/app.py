@@ -2,12 +2,13 @@
 
     POST /v1/chat/completions   OpenAI's chat completions, streamed (SSE) or not
     GET  /v1/models             the one model served, in OpenAI's list format
-    GET  /health                liveness, queue length and recent batch sizes
+    GET  /health                liveness, queue length and the batcher's counters
     GET  /                      the chat page (mmgpt/serve/static/index.html), /static/... beside it
 
 A request is checked, its images decoded and its prompt tokenized in a worker thread of the event loop, so a bad
-one is refused with a 400 naming the field before it is queued; then the ``Batcher``'s thread decodes it with the
-requests that arrived with it. Every error is OpenAI's JSON, ``{"error": {"message", "type", "param", "code"}}``.
+one is refused with a 400 naming the field before it is queued; then the ``Batcher``'s thread decodes it, joining
+the running batch (continuous batching). Every error is OpenAI's JSON,
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -84,8 +87,9 @@ def create_app(
         max_batch_size: the most rows decoded together (a request with ``n`` sampled choices is ``n`` rows); also
             the largest ``n``.
         max_queue: the most requests waiting; more are refused with a 503 (the ``openai`` client retries).
-        batch_wait_s: the longest a request waits for others being received at the same time to share its
-            batch (a request alone never waits).
+        batch_wait_s: the longest a request waits for others to share its prefill: others being received at the
+            same time, to start a batch with (a request alone never waits), or others queued, to join the running
+            batch with (see ``Batcher``).
         max_image_pixels: the largest image (width x height) accepted.
         default_max_tokens: ``max_tokens`` when a request gives none (default: the pipeline's
             ``generation_config.max_new_tokens``, 48 for the shipped model), capped by the context left after the
@@ -113,6 +117,14 @@ def create_app(
     app.state.model_name = model_name
     app.add_middleware(_BodyLimit, max_bytes=max_request_bytes, batcher=batcher)
     _error_handlers(app)
+
+    # Per event loop: one serves the app, though a test client may run it on another.
+    handoffs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Handoff] = weakref.WeakKeyDictionary()
+
+    def handoff(loop: asyncio.AbstractEventLoop) -> _Handoff:
+        if loop not in handoffs:
+            handoffs[loop] = _Handoff(loop)
+        return handoffs[loop]
 
     def load_image(url: str) -> Any:
         return load_image_url(url, allow_local_files=allow_local_files, max_pixels=max_image_pixels)
@@ -177,7 +189,7 @@ def create_app(
             job, prompt_tokens = await run_in_threadpool(prepare, body)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Event | None] = asyncio.Queue()
-            job.sink = _threadsafe_sink(loop, events)
+            job.sink = handoff(loop).sink(events)
             batcher.start()  # started by the lifespan; here too for servers that skip it
             try:
                 batcher.submit(job)
@@ -213,6 +225,7 @@ def create_app(
         return {
             "status": "ok", "model": model_name, "queued": batcher.queued, "batches": batcher.batches,
             "requests": batcher.requests, "recent_batch_sizes": list(batcher.batch_sizes)[-16:],
+            "joined": batcher.joined, "steps": batcher.steps, "row_steps": batcher.row_steps,
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -322,12 +335,37 @@ def _image(image_url: Any, role: str, where: str, load_image: Callable[[str], An
         raise bad_request(f"{param}: {e}", param) from None
 
 
-def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[Event], None]:
-    def sink(event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed (the server is stopping)
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+class _Handoff:
+    """Hands the batcher's events to the event loop in bunches.
 
-    return sink
+    A decode step sends an event to every running request; handing each over on its own would wake the loop once
+    per row and step (a write to its self-pipe each), and the loop and the batcher's thread would then take turns
+    for the GIL as often. Here the first event of a bunch schedules one callback, and the events sent until it runs
+    go with it: about one wakeup per step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def sink(self, queue: asyncio.Queue) -> Callable[[Event], None]:
+        """A ``Job.sink`` that puts events on ``queue`` (a queue of this loop), from any thread."""
+
+        def put(event: Event) -> None:
+            with self.lock:
+                self.pending.append((queue, event))
+                if len(self.pending) > 1:
+                    return  # the callback scheduled for the first one takes this one too
+            with contextlib.suppress(RuntimeError):  # the loop has closed (the server is stopping)
+                self.loop.call_soon_threadsafe(self._deliver)
+
+        return put
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 async def _complete(

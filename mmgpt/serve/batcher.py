@@ -1,23 +1,27 @@
-"""Dynamic batching: one worker thread decodes the requests that arrive together as one left-padded batch.
+"""Continuous batching: one worker thread decodes every request, adding new ones to the running batch between two
+decode steps.
 
 The model holds one KV cache, so it decodes one batch at a time (``mmgpt.generation.decode_state``); a thread per
-request would only take turns. Instead every request is queued, and the worker takes the oldest one together with
-every queued request that can share its decode:
+request would only take turns. Instead every request is queued, and the worker decodes them on the engine's
+``ContinuousBatch``. A batch starts with the oldest queued request and every queued one that can share its decode:
 
 * the same sampling settings (greedy with greedy; sampling with the same temperature, top_p, top_k, min_p,
   repetition penalty and ``n``), since the engine applies one ``GenerationConfig`` to the whole batch;
 * not seeded: a request with ``seed`` is decoded alone, so that its sample depends on the seed only, not on which
   other requests shared its random stream;
-* prompts and ``max_tokens`` that fit the context together: the batch is left-padded to its longest prompt and
-  sized for its largest ``max_tokens``;
+* prompts and ``max_tokens`` that fit the context together;
 * at most ``max_batch_size`` output rows (``n`` rows for a request with ``n`` samples).
 
-``max_tokens`` may differ within a batch: the batch decodes to the largest, and a row stops being sent at its own
-limit. Rows that end (eos, a stop string) leave the engine's batch and cost nothing after; a row past its own
-``max_tokens``, or whose client has gone, is still decoded (the engine has no way to drop a row from outside) but
-its tokens are dropped, and the batch ends as soon as no row is wanted. The batch is fixed once its prefill starts:
-a request arriving during a decode waits for the next batch (no continuous batching). Greedy rows get exactly the
-tokens they get alone: mmgpt's left padding gives every row its own positions and mask.
+Then, between two steps, the queued requests that can share the decode join it (prefilled together, and decoded
+with the others from the next step on) while they fit ``max_batch_size`` and the KV cache beside the running rows,
+in arrival order: the first that cannot, or a request that decodes otherwise, stops the joining, so that the batch
+drains and that request goes next (no request waits behind later ones). A prefill has a fixed cost of several
+decode steps on a CPU, so requests join in groups: once they are ``join_ratio`` of the running rows, fill the
+batch, or the oldest has waited ``batch_wait_s``.
+
+A row leaves the batch, and costs nothing after, as soon as it ends: eos, its own stop strings, its own
+``max_tokens``, or its client gone. The batch ends when no row is left. Greedy rows get exactly the tokens they get
+alone, wherever they joined: every row keeps its own positions and mask (``mmgpt.generation.continuous_batch``).
 
 Results go back through each request's ``sink``, a callable the worker thread calls with ``Step``, ``Done`` and
 ``Failed`` events (``mmgpt.serve.app`` passes one that hands them to the event loop).
@@ -26,7 +30,6 @@ Results go back through each request's ``sink``, a callable the worker thread ca
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import threading
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 
 from mmgpt.generation.config import GenerationConfig
-from mmgpt.generation.engine import stream_tokens
+from mmgpt.generation.continuous_batch import ContinuousBatch
 from mmgpt.generation.stopping import cut_at_stop_string
 from mmgpt.pipeline import Pipeline
 
@@ -196,18 +199,30 @@ class Batcher:
         max_batch_size: the most rows decoded together.
         max_queue: the most requests waiting; ``submit`` raises ``QueueFull`` beyond it.
         batch_wait_s: the longest the worker, finding fewer queued requests than fill a batch, waits (from the
-            oldest one's arrival) for requests still ``arriving`` (being received and checked) to join. It never
-            waits when none is arriving, so a lone request starts at once.
+            oldest one's arrival) for requests still ``arriving`` (being received and checked) to start with them
+            (it never waits when none is arriving, so a lone request starts at once); and the longest a queued
+            request waits for others to join the running batch with (``join_ratio``).
+        continuous: queued requests join the running batch between steps; False starts them with the next batch
+            (rows still leave when they end).
+        join_ratio: a running batch takes queued requests once they are at least this share of its running rows
+            (or fill it, or the oldest has waited ``batch_wait_s``): each join is a prefill whose fixed cost, on a
+            CPU several times a decode step, the requests joining together share.
+
+    Counters (``/health`` reports them): ``batches`` started, ``requests`` decoded, ``batch_sizes`` (requests per
+    batch, newest last, joined ones included), ``joined`` (requests that joined a running batch), ``steps``
+    (decode steps) and ``row_steps`` (rows decoded, summed over the steps: a row that leaves early stops counting).
     """
 
     def __init__(
-        self, pipeline: Pipeline, max_batch_size: int = 16, max_queue: int = 256, batch_wait_s: float = 0.02
+        self, pipeline: Pipeline, max_batch_size: int = 16, max_queue: int = 256, batch_wait_s: float = 0.02,
+        continuous: bool = True, join_ratio: float = 0.25,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.pipeline, self.max_batch_size, self.max_queue, self.batch_wait_s = (
             pipeline, max_batch_size, max_queue, batch_wait_s
         )
+        self.continuous, self.join_ratio = continuous, join_ratio
         self.block_size = pipeline.model.config.decoder.block_size
         self.pending: collections.deque[Job] = collections.deque()
         self.incoming = 0  # requests being received and checked, soon queued (`arriving`)
@@ -216,7 +231,7 @@ class Batcher:
         self.thread: threading.Thread | None = None
         # Requests per decoded batch, newest last (what tests check), and the totals /health reports.
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
-        self.batches = self.requests = 0
+        self.batches = self.requests = self.joined = self.steps = self.row_steps = 0
 
     def start(self) -> None:
         if self.thread is None:
@@ -262,16 +277,8 @@ class Batcher:
     # The worker.
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self.batch_sizes.append(len(batch))
-            self.batches += 1
-            self.requests += len(batch)
-            try:
-                self._decode(batch)
-            except Exception as e:  # the worker must outlive any one batch
-                log.exception("batch of %d requests failed", len(batch))
-                for job in batch:
-                    job.sink(Failed(e))
+        while (jobs := self._next_batch()) is not None:
+            self._run(jobs)
 
     def _select(self) -> tuple[list[Job], bool]:
         """The oldest queued job and the queued jobs that can share its decode; and whether the batch is full."""
@@ -312,89 +319,161 @@ class Batcher:
                 self.pending.remove(job)
             return batch
 
-    def _decode(self, jobs: list[Job]) -> None:
-        pipeline = self.pipeline
-        try:
-            input_ids, attention_mask, image_embeds = pipeline.encode_chat([job.conversation for job in jobs])
-        except Exception:
-            if len(jobs) == 1:
-                raise
-            # Requests are checked before they are queued, so this is unexpected: decode each alone, so that one
-            # bad request fails alone.
-            log.exception("encoding a batch of %d requests failed; decoding them one by one", len(jobs))
+    def _joiners(self, running: _Running) -> list[Job]:
+        """Take the queued jobs that join the running batch now: in arrival order, while they decode alike, fit
+        ``max_batch_size`` and fit the cache beside the running rows (by their counted prompts; ``_admit`` checks
+        the encoded ones). The first that does not stops the rest, so that no request waits behind later ones: an
+        older request that decodes otherwise goes first once this batch has drained. They join once they are
+        ``join_ratio`` of the running rows, fill the batch, or the oldest has waited ``batch_wait_s``."""
+        if not self.continuous:
+            return []
+        with self.cond:
+            running_rows = len(running.batch)
+            jobs, rows, T, N = [], running_rows, 0, 0
+            for job in self.pending:
+                if job.cancelled:
+                    continue
+                if job.key != running.key or rows + job.rows > self.max_batch_size:
+                    break
+                T, N = max(T, job.prompt_tokens), max(N, job.max_tokens)
+                if not running.batch.fits(T, N):
+                    break
+                jobs.append(job)
+                rows += job.rows
+            enough = min(self.max_batch_size - running_rows, max(1.0, self.join_ratio * running_rows))
+            if not jobs or (rows - running_rows < enough and time.monotonic() - jobs[0].arrived < self.batch_wait_s):
+                return []
             for job in jobs:
-                try:
-                    self._decode([job])
-                except Exception as e:
-                    job.sink(Failed(e))
-            return
+                self.pending.remove(job)
+            return jobs
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` and every request that joins them, until the batch has no rows left."""
         sampling = jobs[0].sampling
-        stops = {tuple(job.stop or ()) for job in jobs}
-        # The engine drops a row at its stop string when the whole batch shares them; otherwise each row's own are
-        # applied here (its later tokens dropped).
-        config = sampling.config(
-            max(job.max_tokens for job in jobs), pipeline.generation_config,
-            (list(next(iter(stops))) or None) if len(stops) == 1 else None,
-        )
         generator = None
         if sampling.seed is not None:
-            generator = torch.Generator(device=pipeline.device).manual_seed(sampling.seed)
-        eos = set(config.eos_token_ids)
-        rows: list[_Row] = []
+            generator = torch.Generator(device=self.pipeline.device).manual_seed(sampling.seed)
+        running = _Running(self.pipeline, jobs[0].key, sampling, max(job.max_tokens for job in jobs), generator)
+        self.batch_sizes.append(0)
+        self.batches += 1
+        try:
+            with running.batch:
+                self._admit(running, jobs)
+                while running.batch:
+                    rows = running.step()
+                    self.steps += 1
+                    self.row_steps += rows
+                    if running.batch and (joiners := self._joiners(running)):
+                        self._admit(running, joiners, joining=True)
+        except Exception as e:  # the worker must outlive any one batch
+            log.exception("a batch of %d requests failed", len(running.jobs))
+            for job in running.jobs:
+                job.sink(Failed(e))
+
+    def _admit(self, running: _Running, jobs: list[Job], joining: bool = False) -> None:
+        """Encode ``jobs`` and add them to the batch (``joining``: a running one)."""
+        try:
+            encoded = self.pipeline.encode_chat([job.conversation for job in jobs])
+        except Exception as e:
+            if len(jobs) == 1:
+                log.exception("encoding a request failed")
+                jobs[0].sink(Failed(e))
+                return
+            # Requests are checked before they are queued, so this is unexpected: add each alone, so that one bad
+            # request fails alone.
+            log.exception("encoding %d requests together failed; adding them one by one", len(jobs))
+            for job in jobs:
+                self._admit(running, [job], joining)
+            return
+        if joining and not running.batch.fits(encoded[0].size(1), max(job.max_tokens for job in jobs)):
+            # Longer than counted (a Job built by hand): counted right, and back to the front of the queue.
+            for job, length in zip(jobs, encoded[1].sum(dim=1).tolist(), strict=True):
+                job.prompt_tokens = length
+            with self.cond:
+                self.pending.extendleft(reversed(jobs))
+            return
+        try:
+            running.add(jobs, *encoded)
+        except Exception as e:
+            for job in jobs:
+                job.sink(Failed(e))
+            raise  # the batch may be left half-changed: it ends, and its requests fail
+        self.batch_sizes[-1] += len(jobs)
+        self.requests += len(jobs)
+        if joining:
+            self.joined += len(jobs)
+
+
+class _Running:
+    """The worker's running batch: the engine's ``ContinuousBatch``, and per engine row the request it answers.
+
+    Each step's tokens become text per row (``_Row``) and go to the requests' sinks; a row leaves the batch when
+    the engine ends it (eos, its stop strings, its ``max_tokens``), when its text holds a stop string, or when its
+    request is cancelled.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, key: Any, sampling: Sampling, max_tokens: int, generator: torch.Generator | None
+    ) -> None:
+        self.pipeline, self.key = pipeline, key
+        config = sampling.config(max_tokens, pipeline.generation_config, None)
+        self.eos = set(config.eos_token_ids)
+        self.batch = ContinuousBatch(
+            pipeline.model, config, capacity=pipeline.model.config.decoder.block_size, generator=generator,
+            tokenizer=pipeline.tokenizer,
+        )
+        self.rows: dict[int, _Row] = {}  # engine row id -> its row, while it runs
+        self.jobs: dict[Job, list[int]] = {}  # request -> [rows still running, completion tokens], until done
+
+    def add(self, jobs: list[Job], input_ids, attention_mask, image_embeds) -> None:
+        ids = self.batch.add(
+            input_ids, attention_mask, image_embeds=image_embeds, max_new_tokens=[job.max_tokens for job in jobs],
+            stop_strings=[job.stop or None for job in jobs],
+        )
+        per_job = iter(ids)
         for job in jobs:
             # Greedy n > 1 decodes one row and sends it as every choice.
-            per_row = [[k] for k in range(job.n)] if job.rows == job.n else [list(range(job.n))]
-            rows += [_Row(job, indices, pipeline.tokenizer, eos) for indices in per_row]
-        left = {job: job.rows for job in jobs}
-        tokens_out = dict.fromkeys(jobs, 0)
+            indices = [[k] for k in range(job.n)] if job.rows == job.n else [list(range(job.n))]
+            for choice in indices:
+                self.rows[next(per_job)] = _Row(job, choice, self.pipeline.tokenizer, self.eos)
+            self.jobs[job] = [len(indices), 0]
 
-        def finish(row: _Row) -> None:
-            left[row.job] -= 1
-            tokens_out[row.job] += len(row.ids) * len(row.indices)
-
-        steps = stream_tokens(
-            pipeline.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
-            generator=generator, tokenizer=pipeline.tokenizer,
-        )
-        # closing(): leaving early (every row done or gone) frees the model's KV cache and lock at once.
-        with contextlib.closing(steps):
-            for out_rows, tokens in steps:
-                updates: dict[Job, Step] = {}
-                for r, token in zip(out_rows.tolist(), tokens.tolist(), strict=True):
-                    row = rows[r]
-                    if row.done or row.job.cancelled:
-                        continue
-                    piece, reason = row.push(token)
-                    step = updates.setdefault(row.job, Step())
-                    for i in row.indices:
-                        if piece:
-                            step.pieces[i] = piece
-                        if reason:
-                            step.finished[i] = reason
-                    if reason:
-                        finish(row)
-                self._send(updates, left, tokens_out)
-                if all(row.done or row.job.cancelled for row in rows):
-                    break
-        # Rows the engine ended without a reason seen here: its last step (max_new_tokens), or a stop string it
-        # found in a way the text check did not (it reads a window of tokens).
-        updates = {}
-        for row in rows:
-            if not (row.done or row.job.cancelled):
-                piece = row.end()
-                step = updates.setdefault(row.job, Step())
-                for i in row.indices:
-                    if piece:
-                        step.pieces[i] = piece
-                    step.finished[i] = "length" if len(row.ids) >= row.job.max_tokens else "stop"
-                finish(row)
-        self._send(updates, left, tokens_out)
-
-    @staticmethod
-    def _send(updates: dict[Job, Step], left: dict[Job, int], tokens_out: dict[Job, int]) -> None:
-        for job, step in updates.items():
-            if job.cancelled:
+    def step(self) -> int:
+        """Decode one step, send what it wrote, and drop the rows that ended or whose request is cancelled;
+        returns the rows decoded."""
+        ids, tokens, ended = self.batch.step()
+        updates: dict[Job, Step] = {}
+        leaving = []
+        for r, token, end in zip(ids.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+            row = self.rows[r]
+            if row.job.cancelled:
                 continue
+            piece, reason = row.push(token)
+            if end and reason is None:
+                # The engine found a stop string that the text check does not see yet (it reads a window of tokens).
+                piece += row.end()
+                reason = "length" if len(row.ids) >= row.job.max_tokens else "stop"
+            step = updates.setdefault(row.job, Step())
+            for i in row.indices:
+                if piece:
+                    step.pieces[i] = piece
+                if reason:
+                    step.finished[i] = reason
+            if reason:
+                del self.rows[r]
+                self.jobs[row.job][0] -= 1
+                self.jobs[row.job][1] += len(row.ids) * len(row.indices)
+                if not end:
+                    leaving.append(r)
+        for job, step in updates.items():
             job.sink(step)
-            if left[job] == 0:
-                job.sink(Done(tokens_out[job]))
+            if self.jobs[job][0] == 0:
+                job.sink(Done(self.jobs.pop(job)[1]))
+        # Rows whose request is cancelled (the client has gone) leave with those that ended by their text.
+        for r, row in list(self.rows.items()):
+            if row.job.cancelled:
+                del self.rows[r]
+                self.jobs.pop(row.job, None)
+                leaving.append(r)
+        self.batch.finish(leaving)
+        return len(ids)

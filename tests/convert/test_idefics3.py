@@ -533,3 +533,32 @@ def test_greedy_generation_matches_hf(tmp_path, tokenizer, kind):
     assert torch.equal(ours, theirs)
     alone = processor(text=text_only, return_tensors="pt")
     assert torch.equal(ours[1:], hf.generate(**alone, do_sample=False, **kwargs)[:, alone.input_ids.size(1):])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_mmgpt_load_reads_an_idefics3_directory(tmp_path, tokenizer, kind):
+    """``mmgpt.load(hf_dir)`` detects the family from config.json; ``generate`` and ``chat`` (the processor's chat
+    template, tiling and per-image expansion) answer as HF ``generate`` does on the HF processor's inputs."""
+    import mmgpt
+
+    path = save_model(tmp_path / kind, hf_config(tokenizer, kind), tokenizer)
+    pipeline, hf, processor = mmgpt.load(path), load_hf(path), hf_processor(tokenizer)
+    assert pipeline.tiled
+    image = picture(90, 60, seed=4)
+    tok = pipeline.tokenizer
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def hf_answer(text: str, images: list) -> str:
+        inputs = processor(text=text, images=images or None, return_tensors="pt")
+        new = hf.generate(**inputs, **kwargs)[:, inputs.input_ids.size(1):]
+        return tok.decode(new[0], skip_special_tokens=True).strip()
+
+    question = "What is in this image?"
+    answer = pipeline.generate(image, question, max_new_tokens=10)
+    assert answer and answer == hf_answer(chat(processor, 1, question), [image])
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+    )
+    assert pipeline.chat(messages, max_new_tokens=10) == hf_answer(rendered, [image])

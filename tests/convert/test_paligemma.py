@@ -185,14 +185,11 @@ def test_imported_logits_match_hf(tmp_path, processor, tie):
     with torch.no_grad():
         causal = hf(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
     assert not torch.allclose(causal, theirs, atol=1e-3)
-    # HF counts positions from 1, mmgpt from 0: RoPE sees only their differences, so the two agree to rounding.
-    # Given HF's positions, mmgpt's logits are HF's bit for bit where both run SDPA (tower and LM alike).
+    # With decoder.position_offset=1 mmgpt's positions are HF's: its logits are HF's bit for bit where both run SDPA
+    # (tower and LM alike).
     sdpa = PaliGemmaForConditionalGeneration.from_pretrained(str(path), attn_implementation="sdpa").eval()
-    T = inputs.input_ids.size(1)
     with torch.no_grad():
-        shifted = model(inputs.input_ids, inputs.pixel_values, prefix_lengths=prefix_lengths,
-                        position_ids=torch.arange(1, T + 1)[None])
-        assert torch.equal(shifted, sdpa(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
+        assert torch.equal(ours, sdpa(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
         # The pixels reach the text after them.
         other = model(inputs.input_ids, inputs.pixel_values.flip(-1), prefix_lengths=prefix_lengths)
     assert not torch.allclose(other[:, -1], ours[:, -1], atol=1e-3)
@@ -465,9 +462,7 @@ def hf_generate(hf, inputs: dict, kwargs: dict) -> torch.Tensor:
 
 
 def test_greedy_generation_matches_hf(saved, processor):
-    """Token for token. HF counts positions from 1 and mmgpt from 0, so the logits agree to float rounding (RoPE
-    sees only differences of positions), not bit for bit: a greedy choice between two logits closer than ~1e-5
-    could go either way."""
+    """Token for token (test_generation_logits_equal_hf_sdpa_bit_for_bit: the logits themselves are HF's)."""
     hf, model = load_hf(saved), import_paligemma(saved)
     tokenizer = processor.tokenizer
     kwargs = dict(max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -521,3 +516,41 @@ def test_pipeline_generates_what_hf_generates(tmp_path, saved, processor):
     assert texts == tokenizer.batch_decode(hf_generate(hf, batch, kwargs), skip_special_tokens=True)
     pipeline.save_pretrained(tmp_path / "exported")
     assert Pipeline.from_pretrained(tmp_path / "exported").generate(images, prompts, max_new_tokens=10) == texts
+
+
+def test_generation_logits_equal_hf_sdpa_bit_for_bit(saved, processor):
+    """With position_offset=1 the prefill and every cached step give HF's SDPA logits exactly."""
+    from mmgpt.generation.decode_state import DecodeState
+
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(str(saved), attn_implementation="sdpa").eval()
+    model = import_paligemma(saved)
+    pil = PaliGemmaProcessor(image_processor=hf_image_processor("pil"), tokenizer=processor.tokenizer)
+    images, prompts = [picture(50, 40), picture(30, 60, seed=1)], ["answer en where is the red circle?", "caption en"]
+    batch = pil(text=prompts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    N = 8
+    out = hf.generate(**{k: v for k, v in batch.items() if k != "labels"}, do_sample=False, max_new_tokens=N,
+                      output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, batch.input_ids.size(1):]
+    with torch.no_grad(), DecodeState(model, batch.input_ids, batch.attention_mask, N) as state:
+        steps = [state.prefill(images=batch.pixel_values)] + [state.step(new[:, s]) for s in range(N - 1)]
+    assert torch.equal(torch.stack(steps, 1), torch.stack(out.logits, 1))
+    with torch.no_grad():
+        inputs = pil(text=IMAGE + "caption en", images=images[0], suffix="a red circle", return_tensors="pt")
+        prefix_lengths = (inputs.token_type_ids == 0).sum(1)
+        assert torch.equal(model(inputs.input_ids, inputs.pixel_values, prefix_lengths=prefix_lengths),
+                           hf(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
+
+
+def test_mmgpt_load_reads_a_paligemma_directory(saved, processor):
+    """``mmgpt.load(hf_dir)`` detects PaliGemma from config.json and answers as HF ``generate`` does."""
+    import mmgpt
+
+    pipeline = mmgpt.load(saved)
+    hf = load_hf(saved)
+    image, prompt = picture(50, 40), "answer en where is the red circle?"
+    text = pipeline.generate(image, prompt, max_new_tokens=10)
+    pil = PaliGemmaProcessor(image_processor=hf_image_processor("pil"), tokenizer=processor.tokenizer)
+    inputs = pil(text=prompt, images=image, return_tensors="pt")
+    tok = pipeline.tokenizer
+    kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert text and text == tok.batch_decode(hf_generate(hf, inputs, kwargs), skip_special_tokens=True)[0].strip()

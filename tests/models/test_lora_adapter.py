@@ -489,3 +489,18 @@ def test_a_run_without_lora_has_no_adapter_to_export(trained, tmp_path):
     with pytest.raises(ValueError, match=f"{ckpt}: this run did not train LoRA adapters"):
         export_lora_adapter(ckpt, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_chat_after_load_adapter_uses_the_new_weights(saved, tokenizer):
+    """A chat turn cached before ``load_adapter`` is not reused after it: peft merges through ``.data``, which no
+    tensor version records, so the pipeline drops its cached turns."""
+    base, out = saved
+    pipeline = mmgpt.Pipeline(copy.deepcopy(base), tokenizer)
+    turn = [{"role": "user", "content": "How many sides does a triangle have?"}]
+    first = pipeline.chat(turn, max_new_tokens=6)
+    pipeline.load_adapter(out)
+    follow = [*turn, {"role": "assistant", "content": first}, {"role": "user", "content": "And a square?"}]
+    fresh = mmgpt.Pipeline(copy.deepcopy(base), tokenizer).load_adapter(out)
+    expected = fresh.chat(follow, max_new_tokens=6, reuse_cache=False)
+    assert expected != mmgpt.Pipeline(copy.deepcopy(base), tokenizer).chat(follow, max_new_tokens=6)  # it matters
+    assert pipeline.chat(follow, max_new_tokens=6) == expected

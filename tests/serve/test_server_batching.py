@@ -1,5 +1,6 @@
-"""Dynamic batching in ``mmgpt serve``: concurrent requests are decoded together and answer exactly what they answer
-one at a time; a client that leaves mid-stream does not disturb the batch or the next request."""
+"""Continuous batching in ``mmgpt serve``: concurrent requests are decoded together and answer exactly what they
+answer one at a time; requests arriving while a batch decodes join it; a row leaves the batch as soon as it ends
+(its own max_tokens, its stop strings) or its client leaves, without disturbing the others."""
 
 from __future__ import annotations
 
@@ -226,3 +227,135 @@ def test_requests_are_grouped_by_how_they_decode():
     for sampling, sink in zip(order, sinks, strict=True):
         texts, reasons, tokens = _collect(sink)
         assert set(texts) <= set(reasons) == set(range(sampling.num_return_sequences)) and tokens
+
+
+def _job(request: dict, sink, **kwargs):
+    """A greedy ``Job`` for an OpenAI-style request, with its real prompt length (joining checks it)."""
+    from live_server import to_mmgpt
+
+    from mmgpt.serve.batcher import Job, Sampling
+
+    conversation = to_mmgpt(request["messages"])
+    prompt_tokens = pipeline().encode_chat([conversation])[0].size(1)
+    return Job(conversation, prompt_tokens, request.get("max_tokens", 48), Sampling(), sink=sink,
+               stop=request.get("stop"), **kwargs)
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+# 48 tokens of "zero" from the shipped model: a row that runs to max_tokens.
+LONG = dict(messages=text_message("<|eos|> is just text"))
+
+
+def test_requests_queued_during_a_decode_join_it_and_equal_each_alone():
+    """One request decodes; after its k-th step, request k is queued: each joins the running batch at the next
+    step, and every answer equals the one it gets alone."""
+    from mmgpt.serve.batcher import Batcher, Done
+
+    later = REQUESTS[:8]
+    batcher = Batcher(pipeline(), max_batch_size=16)
+    events = [[] for _ in range(1 + len(later))]
+    jobs = [_job(r, sink.append) for r, sink in zip(later, events[1:], strict=True)]
+
+    def first_sink(event) -> None:  # runs in the worker, between two steps
+        events[0].append(event)
+        steps = len(events[0])
+        if steps <= len(jobs):
+            batcher.submit(jobs[steps - 1])
+
+    batcher.submit(_job(LONG, first_sink))
+    batcher.start()
+    _wait_for(lambda: all(e and isinstance(e[-1], Done) for e in events))
+    batcher.stop()
+    assert list(batcher.batch_sizes) == [1 + len(later)] and batcher.joined == len(later)
+    for request, got in zip([LONG, *later], events, strict=True):
+        stop = {"stop_strings": request["stop"]} if "stop" in request else {}
+        text, _, tokens, reason = expected(request["messages"], request.get("max_tokens", 48), **stop)
+        assert _collect(got) == ({0: text}, {0: reason}, tokens)
+
+
+def test_rows_leave_at_their_own_max_tokens_and_when_cancelled():
+    """Beside a row that runs 48 steps, one with max_tokens=2 and one cancelled after 3 steps are decoded only
+    for those steps: the decoded row-steps are the long row's 48, plus 2, plus 3."""
+    from mmgpt.serve.batcher import Batcher, Step
+
+    batcher = Batcher(pipeline(), max_batch_size=16)
+    long, short, gone = [], [], []
+
+    def leave_after_three(event) -> None:
+        gone.append(event)
+        if sum(isinstance(e, Step) for e in gone) == 3:
+            cancelled.cancel()
+
+    batcher.submit(_job(LONG, long.append))
+    batcher.submit(_job(dict(messages=image_message("Describe the image."), max_tokens=2), short.append))
+    batcher.submit(cancelled := _job(dict(messages=image_message("Describe the image.", EXAMPLES / "2.png")),
+                                     leave_after_three))
+    batcher.start()
+    batcher.stop()
+    assert list(batcher.batch_sizes) == [3] and batcher.joined == 0
+    assert _collect(long)[2] == 48 and _collect(short)[1:] == ({0: "length"}, 2)
+    assert batcher.steps == 48 and batcher.row_steps == 48 + 2 + 3
+
+
+def test_requests_sent_while_an_answer_streams_join_its_batch(server, monkeypatch):
+    """Over HTTP: requests sent while a long answer streams join its batch, and answer what they answer alone."""
+    from mmgpt.serve.batcher import ContinuousBatch
+
+    api = client(server)
+    others = REQUESTS[:6]
+    long_request = dict(LONG, max_tokens=96)
+    want = [_ask(api, r) for r in others]
+    want_long = _ask(api, long_request, stream=True)
+    # Slower steps: the long answer then decodes for about a second, and the others, sent once it has started,
+    # reach the server well before it ends, even on a busy machine.
+    step = ContinuousBatch.step
+    monkeypatch.setattr(ContinuousBatch, "step", lambda self: (time.sleep(0.01), step(self))[1])
+    batcher = server.batcher
+    steps, joined = batcher.steps, batcher.joined
+    with ThreadPoolExecutor(1 + len(others)) as pool:
+        long = pool.submit(_ask, api, long_request, True)
+        _wait_for(lambda: batcher.steps > steps)
+        answers = list(pool.map(lambda r: _ask(api, r), others))
+        assert long.result() == want_long
+    assert answers == want
+    assert batcher.joined > joined
+
+
+def test_a_request_longer_than_counted_joins_once_it_fits():
+    """A ``Job`` whose counted prompt is shorter than its encoded one is checked again once encoded: beside a row
+    that needs the rest of the context it does not fit yet, so it goes back to the queue, counted right, and joins
+    once the running row's slots have grown past its prompt (its prompt then fits before them)."""
+    from mmgpt.serve.batcher import Batcher, Done
+
+    long = dict(LONG, max_tokens=110)  # 18 + 110 slots: the whole context
+    system = {"role": "system", "content": "Answer briefly."}
+    short = dict(messages=[system, *image_message("What color is the circle?")], max_tokens=10)
+    batcher = Batcher(pipeline(), max_batch_size=16)
+    events, order = [[], []], []
+    late = _job(short, lambda e: (events[1].append(e), order.append(1)))
+    assert late.prompt_tokens == 30
+    late.prompt_tokens = 12  # counted short: by the count it would join at once
+
+    def first_sink(event) -> None:
+        events[0].append(event)
+        order.append(0)
+        if len(events[0]) == 1:
+            batcher.submit(late)
+
+    batcher.submit(_job(long, first_sink))
+    batcher.start()
+    _wait_for(lambda: all(e and isinstance(e[-1], Done) for e in events))
+    batcher.stop()
+    assert list(batcher.batch_sizes) == [2] and batcher.joined == 1 and late.prompt_tokens == 30
+    # It joined when the long row's slots reached its 30 tokens, after 12 steps (not after the first): its first
+    # token came with the long row's 13th.
+    assert order.index(1) == 13
+    for request, got in zip([long, short], events, strict=True):
+        text, _, tokens, reason = expected(request["messages"], request["max_tokens"])
+        assert _collect(got) == ({0: text}, {0: reason}, tokens)
