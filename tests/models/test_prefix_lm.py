@@ -60,7 +60,7 @@ def test_prefix_lm_training_logits_equal_generation_logits(tiny_config, tokenize
         with DecodeState(model, ids, mask, N) as state:
             steps = [state.prefill(image_embeds=model.encode_images(pixels))]
             for s in range(N - 1):
-                steps.append(state.step(new[:, s], s))
+                steps.append(state.step(new[:, s]))
     for i in range(3):
         answer_positions = torch.arange(int(lengths[i]) - 1, int(lengths[i]) - 1 + N)
         torch.testing.assert_close(train_logits[i, answer_positions], torch.stack([s[i] for s in steps]),
