@@ -176,6 +176,13 @@ class Pipeline:
         """Template messages (``<image>`` markers in place) -> left-padded ``(input_ids, attention_mask)``, ready
         for the assistant's turn. ``grids``: each picture's ``(rows, cols)``, in marker order across the
         conversations, when the processor tiles."""
+        ids, mask = pad_rows(self._token_rows(conversations, grids), self.tokenizer.pad_token_id, side="left")
+        return ids.to(self.device), mask.to(self.device)
+
+    def _token_rows(
+        self, conversations: Sequence[list[dict[str, str]]], grids: Sequence[tuple[int, int]] | None = None
+    ) -> list[list[int]]:
+        """``_tokenize_messages``' rows before padding: each conversation's token ids."""
         texts = None if grids is None else iter([image_prompt(r, c, self.model.image_seq_len) for r, c in grids])
         rows = []
         for messages in conversations:
@@ -184,8 +191,7 @@ class Pipeline:
                 self.tokenizer, _images_up_front(self.tokenizer, messages), self.model.image_seq_len,
                 add_generation_prompt=True, image_texts=None if texts is None else [next(texts) for _ in range(n)],
             )[0])
-        ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, side="left")
-        return ids.to(self.device), mask.to(self.device)
+        return rows
 
     def _pixels(self, images: Sequence[ImageInput], places: Sequence[str] | None = None):
         """``(pixels, grids)``: processed images ``(N, 3, H, W)`` (a tiled picture gives its tiles and global view)
@@ -232,6 +238,27 @@ class Pipeline:
             places += [place if where is None else f"{where}: {place}" for place in image_places(messages)]
         embeds, grids = self._embed([im for _, ims in parsed for im in ims], places)
         return *self._tokenize_messages([msgs for msgs, _ in parsed], grids), embeds
+
+    def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """The length in tokens, images included, of the prompt ``encode_chat`` gives one conversation, found
+        without encoding its images (a tiling processor still splits each picture, to learn its grid): what a
+        server checks against the context before queueing it.
+
+        Args:
+            messages: one conversation, as ``chat`` takes it.
+
+        Raises:
+            TypeError, ValueError: as ``encode_chat``.
+        """
+        template_messages, images = parse_messages(messages)
+        grids = None
+        if self.tiled:
+            places = image_places(messages)
+            grids = [
+                im.grid if isinstance(im, ImageEmbedding) else self._pixels([im], [places[k]])[1][0]
+                for k, im in enumerate(images)
+            ]
+        return len(self._token_rows([template_messages], grids)[0])
 
     def _embed(self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None):
         """``(embeds, grids)``: ``(N, image_seq_len, n_embd)`` for images and handles in order (a tiled picture

@@ -39,8 +39,10 @@ def warp_logits(
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token once the mass *before* it already reaches top_p; the most likely token always stays.
+        # Drop a token once the mass *before* it already reaches top_p; the most likely token always stays, also
+        # when top_p is below float32's smallest number (it rounds to 0, and 0 >= 0 would drop every token).
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if min_p is not None and min_p > 0:

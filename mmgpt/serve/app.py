@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmgpt.messages import ROLES, parse_messages
 from mmgpt.pipeline import Pipeline
-from mmgpt.prompts import encode_conversation
 from mmgpt.serve import protocol
 from mmgpt.serve.batcher import Batcher, Done, Event, Failed, Job, QueueFull, Sampling, Step
 from mmgpt.serve.images import DEFAULT_MAX_IMAGE_PIXELS, ImageURLError, load_image_url
@@ -100,6 +99,7 @@ def create_app(
     """
     batcher = Batcher(pipeline, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
     block_size = pipeline.model.config.decoder.block_size
+    bounds = _PromptBounds(pipeline)
     if default_max_tokens is None:
         default_max_tokens = pipeline.generation_config.max_new_tokens
     created = int(time.time())
@@ -132,6 +132,7 @@ def create_app(
     def prepare(request: ChatCompletionRequest) -> tuple[Job, int]:
         """Check a request, decode its images and count its prompt: the job to queue, with its prompt tokens
         (the job's sink is set by the caller)."""
+        protocol.check_unicode(request)
         protocol.check_unsupported(request)
         if request.model is not None and request.model != model_name:
             raise APIError(
@@ -142,18 +143,19 @@ def create_app(
         n = 1 if request.n is None else request.n
         if n > max_batch_size:
             raise bad_request(f"n={n} is more than this server decodes at once ({max_batch_size})", "n")
+        bounds.check(request.messages)  # before any image is decoded or any text templated
         conversation = to_conversation(request.messages, load_image)
         try:
-            template_messages, _ = parse_messages(conversation)
+            parse_messages(conversation)
         except (TypeError, ValueError) as e:
             # Its advice names Pipeline.chat's image parts; a request sends image_url parts.
             message = str(e).replace('{"type": "image", "image": ...}', '{"type": "image_url", ...}')
             m = _WHERE.match(message)
             raise bad_request(message, m[1] if m else "messages") from None
-        ids = encode_conversation(
-            pipeline.tokenizer, template_messages, pipeline.model.image_seq_len, add_generation_prompt=True
-        )[0]
-        prompt_tokens = len(ids)
+        try:  # the pipeline's own count: the prompt the batcher encodes is this one
+            prompt_tokens = pipeline.count_chat_tokens(conversation)
+        except (TypeError, ValueError) as e:
+            raise bad_request(f"the messages cannot be encoded: {e}", "messages") from None
         if prompt_tokens >= block_size:
             raise bad_request(
                 f"This model's maximum context length is {block_size} tokens, and the messages are {prompt_tokens} "
@@ -240,6 +242,62 @@ def create_app(
     return app
 
 
+class _PromptBounds:
+    """What a request's messages must cost at the least, counted from the request as sent: one that is sure to
+    exceed the context is refused before its images are decoded and its text templated (work that grows with the
+    request). Each bound is one no prompt within the context can pass.
+
+    * images: each costs ``image_seq_len`` tokens at the least (a tiled picture more: its tiles and global view);
+    * messages: the chat template writes a role tag, at least one token, for every message;
+    * text: a token stands for at most as many characters as the longest string in the vocabulary (a byte-level
+      token's string has a character per byte, and a character has at least one byte). Not bounded when the
+      tokenizer normalizes text, which may drop characters.
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.block_size = pipeline.model.config.decoder.block_size
+        self.image_seq_len = pipeline.model.image_seq_len
+        backend = getattr(pipeline.tokenizer, "backend_tokenizer", None)
+        normalizes = backend is None or backend.normalizer is not None
+        longest = max(map(len, pipeline.tokenizer.get_vocab()))
+        self.max_chars = None if normalizes else self.block_size * longest
+
+    def check(self, messages: Any) -> None:
+        """Raise a 400 (``context_length_exceeded``) for messages that cannot fit; anything malformed is left to
+        ``to_conversation`` to name."""
+        if not isinstance(messages, list):
+            return
+        images = chars = 0
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if not isinstance(part, dict):
+                        continue
+                    if part.get("type") == "image_url":
+                        images += 1
+                    elif isinstance(part.get("text"), str):
+                        chars += len(part["text"])
+        context = f"This model's maximum context length is {self.block_size} tokens"
+        if len(messages) >= self.block_size:
+            raise bad_request(
+                f"{context}, and the {len(messages)} messages take at least one token each, leaving none for the "
+                "answer. Send fewer messages", "messages", code="context_length_exceeded",
+            )
+        if images * self.image_seq_len >= self.block_size:
+            raise bad_request(
+                f"{context}, and the {images} images take at least {self.image_seq_len} tokens each, leaving none "
+                "for the answer. Send fewer images", "messages", code="context_length_exceeded",
+            )
+        if self.max_chars is not None and chars > self.max_chars:
+            raise bad_request(
+                f"{context}, and the messages' {chars:,} characters of text are more than that many tokens can "
+                "hold. Shorten the messages", "messages", code="context_length_exceeded",
+            )
+
+
 def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "mmgpt"}
 
@@ -249,11 +307,12 @@ def _ignore(event: Event) -> None:
 
 
 def _sampling(request: ChatCompletionRequest, n: int) -> Sampling:
-    """OpenAI's sampling semantics: temperature 1.0 unless given, 0 is greedy; no top-k unless asked (vLLM's
-    extra parameter). Greedy ignores the sampling filters and the seed, as OpenAI's temperature 0 does."""
+    """OpenAI's sampling semantics: temperature 1.0 unless given, 0 (or below ``protocol.GREEDY_TEMPERATURE``) is
+    greedy; no top-k unless asked (vLLM's extra parameter). Greedy ignores the sampling filters and the seed, as
+    OpenAI's temperature 0 does."""
     temperature = protocol.DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
     repetition_penalty = 1.0 if request.repetition_penalty is None else request.repetition_penalty
-    if temperature == 0:
+    if temperature < protocol.GREEDY_TEMPERATURE:
         return Sampling(do_sample=False, repetition_penalty=repetition_penalty)
     return Sampling(
         do_sample=True, temperature=temperature, top_p=1.0 if request.top_p is None else request.top_p,
@@ -449,7 +508,7 @@ def _param(loc: tuple) -> str | None:
 
 def _error_handlers(app: FastAPI) -> None:
     def error_response(error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return _ErrorResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -475,6 +534,14 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+class _ErrorResponse(JSONResponse):
+    """Error JSON in ASCII: a message that quotes the request (a field name, a value) stays valid UTF-8 whatever
+    the request held, where JSONResponse's UTF-8 would fail on a lone surrogate and the client get no answer."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class _BodyLimit:
@@ -546,7 +613,7 @@ class _BodyLimit:
 
     @staticmethod
     async def _refuse(scope: dict, send: Callable, status: int, message: str) -> None:
-        await JSONResponse(protocol.error_body(message), status_code=status)(scope, _no_receive, send)
+        await _ErrorResponse(protocol.error_body(message), status_code=status)(scope, _no_receive, send)
 
 
 async def _no_receive() -> dict:

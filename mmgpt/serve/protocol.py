@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # OpenAI's documented default; mmgpt's own generate() defaults to greedy. temperature=0 is greedy here.
 DEFAULT_TEMPERATURE = 1.0
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# Below this a temperature divides float32 logits past their range (inf, then NaN probabilities); as vLLM does, it
+# is read as greedy, which is what such a temperature tends to anyway.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class APIError(Exception):
@@ -76,13 +79,15 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: Any = None
-    seed: int | None = None
+    # torch.Generator.manual_seed's range: a 64-bit seed, signed or not.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling parameters (GenerationConfig's fields).
     top_k: int | None = Field(None, ge=0, description="0 or null keeps every token (OpenAI has no top_k)")
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # The logits of seen tokens are divided or multiplied by it: far from 1 they leave float32's range (inf, NaN).
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
 
 
 def _is_default(value: Any, *defaults: Any) -> bool:
@@ -143,6 +148,45 @@ def check_stop(stop: Any) -> list[str] | None:
     if not all(stops):
         raise bad_request("stop strings must not be empty (every text contains '')", "stop")
     return stops or None
+
+
+def check_unicode(request: ChatCompletionRequest) -> None:
+    """Refuse a string anywhere in the request (a value or a key) that is not valid Unicode: a lone surrogate
+    (``"\\ud800"``), which JSON can spell but no UTF-8 text holds, so that it reaches neither the model nor an
+    error message. The error names where it is (``messages[0].content[1].image_url.url``), never the string."""
+    fields = {name: getattr(request, name) for name in type(request).model_fields}
+    for name, value in (request.model_extra or {}).items():
+        _check_key(name, None)
+        fields[name] = value
+    for name, value in fields.items():
+        _check_strings(value, name)
+
+
+def _check_key(key: str, where: str | None) -> None:
+    if isinstance(key, str) and not _is_unicode(key):
+        place = "the request body" if where is None else where
+        raise bad_request(f"{place} has a field name that is not valid Unicode (a lone surrogate)", where)
+
+
+def _check_strings(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        if not _is_unicode(value):
+            raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate)", where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_key(key, where)
+            _check_strings(item, f"{where}.{key}")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # in C: a base64 image of megabytes costs little
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -33,6 +33,16 @@ def test_top_k_1_and_tiny_top_p_are_argmax(logits):
         assert torch.equal(sample(logits, do_sample=True, top_p=1e-6, generator=g), logits.argmax(-1))
 
 
+def test_top_p_below_float32_keeps_the_most_likely_token(logits):
+    # 1e-300 is 0 in float32: every token's preceding mass reaches it, and only the rule that the most likely
+    # token stays keeps a token at all.
+    for top_p in (1e-300, 5e-324):
+        warped = warp_logits(logits, top_k=None, top_p=top_p)
+        assert torch.equal(torch.isfinite(warped), logits == logits.amax(-1, keepdim=True))
+        g = torch.Generator().manual_seed(0)
+        assert torch.equal(sample(logits, do_sample=True, top_k=None, top_p=top_p, generator=g), logits.argmax(-1))
+
+
 def test_top_k_restricts_support(logits):
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([sample(logits, do_sample=True, top_k=3, temperature=5.0, generator=g) for _ in range(50)])

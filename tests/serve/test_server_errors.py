@@ -91,6 +91,10 @@ BAD = [
     ("too many stop strings", dict(messages=HI, stop=["a", "b", "c", "d", "e"]), "stop"),
     ("empty stop string", dict(messages=HI, stop=""), "stop"),
     ("seed a float", dict(messages=HI, seed=1.5), "seed"),
+    ("seed past 64 bits", dict(messages=HI, seed=2**70), "seed"),
+    ("seed below a signed 64-bit", dict(messages=HI, seed=-(2**63) - 1), "seed"),
+    ("repetition_penalty tiny", dict(messages=HI, repetition_penalty=1e-300), "repetition_penalty"),
+    ("repetition_penalty huge", dict(messages=HI, repetition_penalty=1e300), "repetition_penalty"),
     ("unknown role", dict(messages=[{"role": "bot", "content": "hi"}]), "messages[0].role"),
     ("tool role", dict(messages=[{"role": "tool", "content": "42", "tool_call_id": "x"}]), "messages[0].role"),
     ("tool calls", dict(messages=[*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
@@ -110,6 +114,13 @@ BAD = [
     ("messages not a list", dict(messages="hi"), "messages"),
     ("messages missing", dict(temperature=0), "messages"),
     ("lone surrogate", dict(messages=text_message("\ud800")), "messages[0].content"),
+    ("lone surrogate in model", dict(model="\ud800", messages=HI), "model"),
+    ("lone surrogate in a message key", dict(messages=[{"role": "user", "content": "hi", "\ud800": 1}]),
+     "messages[0]"),
+    ("lone surrogate in an image URL", dict(messages=_image_part("data:\ud800")), f"{IMAGE}.url"),
+    ("lone surrogate in stop", dict(messages=HI, stop="\ud800"), "stop"),
+    ("lone surrogate in a stop list", dict(messages=HI, stop=["x", "\ud800"]), "stop[1]"),
+    ("lone surrogate in a field name", dict(messages=HI, **{"\ud800": 1}), None),
     ("tools", dict(messages=HI, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("logprobs", dict(messages=HI, logprobs=True), "logprobs"),
     ("response_format json", dict(messages=HI, response_format={"type": "json_object"}), "response_format"),
@@ -137,6 +148,60 @@ def test_bad_request_names_the_field(server, what, fields, param):
     error = _error(_post(server, {"model": MODEL_NAME, **fields}), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error["message"]
+
+
+def test_an_image_in_a_later_turn(server):
+    # mmgpt's template renders every image first: the prompt is counted as Pipeline.chat encodes it.
+    messages = [*HI, {"role": "assistant", "content": "yo"}, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "And this one?"}]}]
+    r = _post(server, {"messages": messages, "temperature": 0})
+    assert r.status_code == 200, r.text
+    text, prompt_tokens, _, _ = expected(messages)
+    assert r.json()["choices"][0]["message"]["content"] == text
+    assert r.json()["usage"]["prompt_tokens"] == prompt_tokens
+
+
+TINY = [dict(temperature=1e-300), dict(top_p=1e-300), dict(temperature=1e-300, top_p=1e-300)]
+
+
+@pytest.mark.parametrize("fields", TINY, ids=repr)
+def test_tiny_temperature_and_top_p_are_greedy(server, fields):
+    r = _post(server, {"messages": HI, "seed": 0, **fields})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected(HI)[0]
+
+
+def test_too_many_images_are_refused_before_any_is_decoded(server, monkeypatch):
+    from mmgpt.serve import app
+
+    decoded = []
+    load = app.load_image_url
+    monkeypatch.setattr(app, "load_image_url", lambda *args, **kwargs: decoded.append(args) or load(*args, **kwargs))
+    part = {"type": "image_url", "image_url": {"url": _png((2, 2))}}
+    error = _error(_post(server, {"messages": [{"role": "user", "content": [part] * 40}]}), 400)
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    assert decoded == []
+    assert _post(server, {"messages": _image_part(_png((2, 2))), "max_tokens": 1}).status_code == 200
+    assert len(decoded) == 1  # the patch is the one the server calls
+
+
+@pytest.mark.parametrize(("what", "messages"), [
+    ("many messages", [{"role": "user", "content": ""}] * 2000),
+    ("much text", text_message("x" * 100_000)),
+])
+def test_long_conversations_are_refused_before_the_template_renders(server, monkeypatch, what, messages):
+    from live_server import pipeline
+
+    tokenizer = pipeline().tokenizer
+    rendered = []
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: rendered.append(a) or render(*a, **k))
+    error = _error(_post(server, {"messages": messages}), 400)
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    assert rendered == []
+    # A question not asked before (the templated prompts of recent ones are remembered): it is rendered.
+    assert _post(server, {"messages": text_message(f"a question after {what}"), "max_tokens": 1}).status_code == 200
+    assert rendered  # the patch is the one the server calls
 
 
 def test_context_errors_say_so(server):
