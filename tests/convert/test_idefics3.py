@@ -562,3 +562,58 @@ def test_mmgpt_load_reads_an_idefics3_directory(tmp_path, tokenizer, kind):
         add_generation_prompt=True,
     )
     assert pipeline.chat(messages, max_new_tokens=10) == hf_answer(rendered, [image])
+
+
+def test_an_encoded_picture_and_the_terminal_chat_answer_as_the_picture_does(tmp_path, tokenizer, monkeypatch, capsys):
+    """A tiled picture encoded once (``encode_image``: its tiles and grid) answers as the picture itself, and
+    ``mmgpt chat --model hf_dir`` with ``/image`` prints that answer."""
+    import io
+
+    import mmgpt
+    from mmgpt.commands.chat import main as chat_main
+
+    path = save_model(tmp_path / "smolvlm", hf_config(tokenizer, "smolvlm"), tokenizer)
+    pipeline, image = mmgpt.load(path), picture(90, 60, seed=4)
+    image.save(tmp_path / "p.png")
+    question = "What is in this image?"
+
+    def ask(picture_or_handle) -> str:
+        content = [{"type": "image", "image": picture_or_handle}, {"type": "text", "text": question}]
+        return pipeline.chat([{"role": "user", "content": content}], max_new_tokens=8, reuse_cache=False)
+
+    answer = ask(image)
+    assert answer and ask(pipeline.encode_image(image)) == answer
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {tmp_path / 'p.png'}\n{question}\n"))
+    chat_main(["--model", str(path), "--max-new-tokens", "8"])
+    assert capsys.readouterr().out.strip() == answer
+
+
+def test_served_over_openai_api_answers_as_the_pipeline(tmp_path, tokenizer):
+    """``mmgpt serve`` on a SmolVLM directory: an image request (a data URL) answers as ``Pipeline.chat``, with the
+    tiles' placeholders counted in ``usage``."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    import mmgpt
+    from mmgpt.serve.app import create_app
+
+    path = save_model(tmp_path / "smolvlm", hf_config(tokenizer, "smolvlm"), tokenizer)
+    pipeline, image = mmgpt.load(path), picture(90, 60, seed=4)
+    image.save(tmp_path / "p.png")
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "p.png").read_bytes()).decode()
+    question = "What is in this image?"
+    expected = pipeline.chat([{"role": "user", "content": [{"type": "image", "image": image},
+                                                          {"type": "text", "text": question}]}],
+                             max_new_tokens=8, reuse_cache=False)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    with TestClient(create_app(mmgpt.load(path), "smolvlm")) as client:
+        reply = client.post("/v1/chat/completions", json={
+            "model": "smolvlm", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": 8,
+        })
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["choices"][0]["message"]["content"] == expected
+    tiles = pipeline.processor(image).pixels.size(0)
+    assert body["usage"]["prompt_tokens"] > tiles * pipeline.model.image_seq_len
