@@ -519,7 +519,7 @@ class Pipeline:
 
     def _stream_text(self, inputs, config: GenerationConfig, generator, tokenizer, prefix_cache=None) -> Iterator[str]:
         input_ids, attention_mask, image_embeds = inputs
-        text = _TextStream(self.tokenizer, config.stop_strings)
+        text = TextStream(self.tokenizer, config.stop_strings)
         steps = stream_tokens(
             self.model, input_ids, attention_mask, image_embeds=image_embeds, generation_config=config,
             generator=generator, tokenizer=tokenizer or self.tokenizer, prefix_cache=prefix_cache,
@@ -577,23 +577,24 @@ def _located(error: Exception, place: str) -> Exception:
         return error
 
 
-class _TextStream:
+class TextStream:
     """Turns tokens into text increments whose concatenation is the final text (``Pipeline._text``).
 
     Each push decodes the tokens so far and releases what can no longer change: not a trailing U+FFFD (the
     first bytes of a character whose remaining bytes are in later tokens), not a tail that could begin a stop
-    string, and not trailing whitespace (the final text is stripped).
+    string, and not trailing whitespace (the final text is stripped). ``stopped`` says a stop string was reached.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, stop_strings: Sequence[str] | None) -> None:
         self.tokenizer, self.stop_strings = tokenizer, list(stop_strings or ())
         self.ids: list[int] = []
         self.sent = ""
+        self.stopped = False
 
     def _release(self, final: bool) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop_string(text, self.stop_strings)
-        if not (final or stopped):
+        text, self.stopped = cut_at_stop_string(text, self.stop_strings)
+        if not (final or self.stopped):
             text = text.rstrip("\ufffd")
             # Hold back the longest tail that a stop string starts with: it may complete in the next tokens.
             held = max(
@@ -605,9 +606,10 @@ class _TextStream:
         piece, self.sent = text[len(self.sent) :], text
         return piece
 
-    def push(self, token: int) -> str:
+    def push(self, token: int, final: bool = False) -> str:
+        """Append a token; ``final``: it is the last one, so nothing is held back."""
         self.ids.append(token)
-        return self._release(final=False)
+        return self._release(final)
 
     def end(self) -> str:
         return self._release(final=True)

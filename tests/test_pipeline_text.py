@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import scripted
 
-from mmgpt.pipeline import ImageEmbedding, _TextStream
+from mmgpt.pipeline import ImageEmbedding, TextStream
 
 
 @pytest.mark.parametrize("stop_strings,expected", [
@@ -50,7 +50,7 @@ def test_stream_never_splits_a_multibyte_character(tokenizer, tiny_config):
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer):
     euro = tokenizer("€", add_special_tokens=False)["input_ids"]
     assert len(euro) == 3
-    stream = _TextStream(tokenizer, stop_strings=["€!"])
+    stream = TextStream(tokenizer, stop_strings=["€!"])
     assert [stream.push(t) for t in tokenizer("a", add_special_tokens=False)["input_ids"] + euro] == ["a", "", "", ""]
     assert stream.push(tokenizer("b", add_special_tokens=False)["input_ids"][0]) == "€b"  # "€" then not "€!"
     assert stream.end() == ""

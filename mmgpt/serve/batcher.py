@@ -42,8 +42,7 @@ import torch
 
 from mmgpt.generation.config import GenerationConfig
 from mmgpt.generation.continuous_batch import ContinuousBatch
-from mmgpt.generation.stopping import cut_at_stop_string
-from mmgpt.pipeline import Pipeline
+from mmgpt.pipeline import Pipeline, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -154,41 +153,27 @@ class QueueFull(Exception):
 
 
 class _Row:
-    """One engine row: its tokens as text, released so that the pieces join to ``Pipeline.chat``'s text (as
-    ``mmgpt.pipeline._TextStream``), and whether and why it ended."""
+    """One engine row: its tokens as text (a ``TextStream``, so the pieces join to ``Pipeline.chat``'s text), and
+    whether and why it ended."""
 
     def __init__(self, job: Job, indices: list[int], tokenizer, eos: set[int]) -> None:
-        self.job, self.indices, self.tokenizer, self.eos = job, indices, tokenizer, eos
-        self.stops = job.stop or []
-        self.ids: list[int] = []
-        self.sent = ""
-        self.done = False
+        self.job, self.indices, self.eos = job, indices, eos
+        self.text = TextStream(tokenizer, job.stop)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids
 
     def push(self, token: int) -> tuple[str, str | None]:
         """Append a token; returns the new text and the finish reason (``None`` while the row runs)."""
-        self.ids.append(token)
-        text, stopped = cut_at_stop_string(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
-        reason = "stop" if token in self.eos or stopped else "length" if len(self.ids) >= self.job.max_tokens else None
-        if reason is None:
-            # Hold back what may still change: a character whose bytes continue in the next token (U+FFFD), a tail
-            # a stop string starts with, and trailing whitespace (the final text is stripped).
-            text = text.rstrip("\ufffd")
-            held = max(
-                (n for s in self.stops for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])),
-                default=0,
-            )
-            text = text[: len(text) - held]
-        text = text.strip()
-        piece, self.sent = text[len(self.sent) :], text
-        self.done = reason is not None
+        last = token in self.eos or len(self.ids) + 1 >= self.job.max_tokens
+        piece = self.text.push(token, final=last)
+        reason = "stop" if token in self.eos or self.text.stopped else "length" if last else None
         return piece, reason
 
     def end(self) -> str:
         """The row's last text when the engine stopped without a reason seen here (its last step)."""
-        self.done = True
-        text = cut_at_stop_string(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)[0].strip()
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
+        return self.text.end()
 
 
 class Batcher:
