@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmgpt.messages import ROLES, parse_messages
+from mmgpt.messages import ROLES
 from mmgpt.pipeline import Pipeline
 from mmgpt.serve import protocol
 from mmgpt.serve.batcher import Batcher, Done, Event, Failed, Job, QueueFull, Sampling, Step
@@ -145,17 +145,14 @@ def create_app(
             raise bad_request(f"n={n} is more than this server decodes at once ({max_batch_size})", "n")
         bounds.check(request.messages)  # before any image is decoded or any text templated
         conversation = to_conversation(request.messages, load_image)
-        try:
-            parse_messages(conversation)
+        try:  # the pipeline's own checks (parse_messages) and count: the prompt the batcher encodes is this one
+            prompt_tokens = pipeline.count_chat_tokens(conversation)
         except (TypeError, ValueError) as e:
             # Its advice names Pipeline.chat's image parts; a request sends image_url parts.
             message = str(e).replace('{"type": "image", "image": ...}', '{"type": "image_url", ...}')
             m = _WHERE.match(message)
-            raise bad_request(message, m[1] if m else "messages") from None
-        try:  # the pipeline's own count: the prompt the batcher encodes is this one
-            prompt_tokens = pipeline.count_chat_tokens(conversation)
-        except (TypeError, ValueError) as e:
-            raise bad_request(f"the messages cannot be encoded: {e}", "messages") from None
+            raise bad_request(message if m else f"the messages cannot be encoded: {message}",
+                              m[1] if m else "messages") from None
         if prompt_tokens >= block_size:
             raise bad_request(
                 f"This model's maximum context length is {block_size} tokens, and the messages are {prompt_tokens} "
