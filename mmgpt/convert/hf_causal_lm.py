@@ -6,6 +6,8 @@ decoder modules themselves never touch a file.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,19 @@ import torch.nn as nn
 from mmgpt.config import DecoderConfig
 from mmgpt.convert.hf_llama import check_hf_llama_config, from_hf_llama_config, from_hf_llama_state_dict
 from mmgpt.models.decoder import Decoder
+
+
+def names_model(path: str | Path, model_types: Sequence[str], architectures: Sequence[str]) -> bool:
+    """Whether directory ``path`` holds a saved HF model whose ``config.json`` gives one of ``model_types`` or
+    ``architectures`` (read as JSON: no transformers, no weights). A missing or unreadable file is False."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in model_types or bool(set(config.get("architectures") or ()) & set(architectures))
 
 
 def _from_pretrained_args(hf_path: str) -> tuple[str, dict[str, Any]]:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from mmgpt.config import MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.convert.hf_causal_lm import names_model
 from mmgpt.convert.hf_llama import (
     check_hf_llama_config,
     from_hf_llama_config,
@@ -207,15 +208,8 @@ def read_idefics3_config(hf_dir: str | Path):
 
 
 def is_idefics3_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a saved Idefics3/SmolVLM model (its ``config.json`` names one), read without torch."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    return config.get("model_type") in MODEL_TYPES or bool(set(config.get("architectures") or ()) & set(ARCHITECTURES))
+    """Whether ``path`` is a saved Idefics3/SmolVLM model (its ``config.json`` names one; nothing else is read)."""
+    return names_model(path, MODEL_TYPES, ARCHITECTURES)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.convert.hf_causal_lm import names_model
 from mmgpt.convert.idefics3 import TIMM_SIGLIP, TIMM_SIGLIP_LN_EPS
 from mmgpt.convert.llava import _read_safetensors
 from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, SIGLIP_LAYOUT, timm_mlp_ratio, vit_from_hf
@@ -247,15 +248,8 @@ def read_paligemma_config(hf_dir: str | Path):
 
 
 def is_paligemma_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a saved PaliGemma model (its ``config.json`` names one), read without torch."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    return config.get("model_type") == MODEL_TYPE or bool(set(config.get("architectures") or ()) & set(ARCHITECTURES))
+    """Whether ``path`` is a saved PaliGemma model (its ``config.json`` names one; nothing else is read)."""
+    return names_model(path, (MODEL_TYPE,), ARCHITECTURES)
 
 
 # ---------------------------------------------------------------------------------------------------------
