@@ -77,6 +77,38 @@ def prepare_pretrained_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedToke
     return tok
 
 
+def load_vlm_tokenizer(
+    hf_dir: str | Path, image_token_id: int | None = None, id_field: str = "image_token_id",
+    chat_template: str | None = None, fallback_template: str | None = None,
+) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with an HF vision-language model, ready for generation: left padding, eos as pad when it
+    has none. Unlike ``prepare_pretrained_tokenizer`` nothing is added: the model already has its ``<image>``.
+
+    Args:
+        hf_dir: the model's directory (local only).
+        image_token_id: the model's image token id (its config's ``id_field``), checked against ``<image>``.
+        chat_template: the processor's template, replacing the tokenizer's own (None: keep it).
+        fallback_template: the template to use when the tokenizer has none.
+
+    Raises:
+        ValueError: the tokenizer's ``<image>`` is not the model's image token.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if image_token_id is not None and tokenizer.convert_tokens_to_ids(IMAGE) != image_token_id:
+        raise ValueError(
+            f"{hf_dir}: the tokenizer's {IMAGE} is id {tokenizer.convert_tokens_to_ids(IMAGE)}, but the model's "
+            f"{id_field} is {image_token_id}"
+        )
+    if tokenizer.chat_template is None and fallback_template is not None:
+        tokenizer.chat_template = fallback_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts``; special tokens get ids 0..6 in ``SPECIAL_TOKENS`` order."""
     tokenizer = Tokenizer(models.BPE())

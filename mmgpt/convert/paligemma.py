@@ -55,6 +55,7 @@ from mmgpt.convert.llava import _read_safetensors
 from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, SIGLIP_LAYOUT, timm_mlp_ratio, vit_from_hf
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import IMAGE
+from mmgpt.tokenizer import load_vlm_tokenizer
 
 ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)
 MODEL_TYPE = "paligemma"
@@ -441,21 +442,7 @@ def load_paligemma_tokenizer(hf_dir: str | Path, image_token_id: int | None = No
     Raises:
         ValueError: the tokenizer's ``<image>`` is not the model's image token.
     """
-    from transformers import AutoTokenizer
-
-    hf_dir = Path(hf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-    if image_token_id is not None and tokenizer.convert_tokens_to_ids(IMAGE) != image_token_id:
-        raise ValueError(
-            f"{hf_dir}: the tokenizer's {IMAGE} is id {tokenizer.convert_tokens_to_ids(IMAGE)}, but the model's "
-            f"image_token_index is {image_token_id}"
-        )
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = PALIGEMMA_CHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return load_vlm_tokenizer(hf_dir, image_token_id, "image_token_index", fallback_template=PALIGEMMA_CHAT_TEMPLATE)
 
 
 __all__ = [
