@@ -2,6 +2,10 @@
 
     mmgpt evaluate --model assets/default_model --data shapes --split test
     mmgpt evaluate --model runs/shapes/.../last.ckpt --data configs/shapes.yaml --split val --limit 200
+    mmgpt evaluate --data shapes --image-size 32 48 64 96 128 128x64
+
+With --image-size the shapes scenes are drawn at each size (a side, or WIDTHxHEIGHT) and resized by the model's
+processor, as a user's pictures are; one row of scores a size, and the JSON line maps each size to its metrics.
 
 Prints a table of metrics, then as its last line a single JSON object with every metric and the sample count.
 """
@@ -9,6 +13,7 @@ Prints a table of metrics, then as its last line a single JSON object with every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -53,6 +58,19 @@ def datamodule_from(spec: str) -> MMGPTDataModule:
         raise SystemExit(f"--data {spec}: {e}") from e
 
 
+def image_size(text: str) -> int | tuple[int, int]:
+    """``"96"`` -> 96, ``"128x64"`` -> (128, 64): an argparse type for ``--image-size``."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a side in pixels (64) or WIDTHxHEIGHT (128x64)")
+    sides = [int(p) for p in parts]
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def size_name(size: int | tuple[int, int]) -> str:
+    return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dict:
     """Parse the arguments, evaluate, print the metrics table and the JSON line.
 
@@ -77,6 +95,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--predictions", default=None, help="also write every prediction to this JSONL file")
+    parser.add_argument(
+        "--image-size", type=image_size, nargs="+", default=None, metavar="SIZE",
+        help="draw the shapes scenes at each SIZE (64, or WIDTHxHEIGHT like 128x64) and score each",
+    )
     args = parser.parse_args(argv)
 
     from mmgpt.eval.evaluate import evaluate
@@ -84,6 +106,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
     with argument_errors(parser, "--model"):
         pipe = mmgpt.load(args.model, map_location=args.device)
     dm = datamodule_from(args.data)
+    if args.image_size is not None:
+        with argument_errors(parser, "--image-size"):
+            return _evaluate_sizes(pipe, dm, args)
     metrics, rows = evaluate(
         pipe.model, pipe.tokenizer, dm.dataset(args.split), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, max_length=dm.max_length, limit=args.limit,
@@ -99,3 +124,36 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
     sys.stdout.flush()
     print(json.dumps({k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in metrics.items()}))
     return metrics
+
+
+def _evaluate_sizes(pipe: mmgpt.Pipeline, dm: MMGPTDataModule, args: argparse.Namespace) -> dict:
+    # One evaluation per size over the same scenes and questions (a scene's content does not depend on its size).
+    from mmgpt.eval.evaluate import evaluate
+
+    if any(s.kind != "shapes" for s in dm.sources[args.split]):
+        raise ValueError(f"scenes can be redrawn at a size only for kind: shapes sources; data.{args.split} has others")
+    base, by_size, rows_out = dm.shapes, {}, []
+    for size in args.image_size:
+        dm.shapes = dataclasses.replace(base, image_size=size, size_range=None)  # its checks run again
+        dm.datasets.clear()
+        metrics, rows = evaluate(
+            pipe.model, pipe.tokenizer, dm.dataset(args.split), batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, max_length=dm.max_length, limit=args.limit,
+        )
+        by_size[size_name(size)] = metrics
+        rows_out += [{**r, "image_size": size_name(size)} for r in rows]
+    dm.shapes = base
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            for r in rows_out:
+                f.write(json.dumps(r) + "\n")
+    names = [k for k in next(iter(by_size.values())) if not k.endswith("samples")]
+    width = max(len(k) for k in names)
+    print(f"{'metric':<{width}}  " + "  ".join(f"{k:>8}" for k in by_size))
+    for name in names:
+        print(f"{name:<{width}}  " + "  ".join(f"{m.get(name, float('nan')):8.4f}" for m in by_size.values()))
+    sys.stdout.flush()
+    rounded = {size: {k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in m.items()}
+               for size, m in by_size.items()}
+    print(json.dumps(rounded))
+    return by_size

@@ -39,6 +39,9 @@ POSITIONS = tuple("center" if (r, c) == ("middle", "center") else f"{r} {c}" for
 # leave room to jitter. Both stay below 1 so shapes in neighbouring cells can never touch.
 SIZE_SCALE = {"small": 0.45, "large": 0.8}
 
+# The smallest side a scene is drawn at: a small shape is then ~3 px wide, the least that still has a form.
+MIN_IMAGE_SIDE = 16
+
 # Sides (and corners) of the shapes render_scene can draw; the text-only facts quote them too.
 SIDES = {"circle": 0, "triangle": 3, "square": 4}
 
@@ -47,7 +50,12 @@ SIDES = {"circle": 0, "triangle": 3, "square": 4}
 class ShapesConfig:
     """How scenes are drawn. Scenes are a pure function of this config and ``(split, index)``."""
 
-    image_size: int = 64  # a small shape is still ~10 px wide; a scene renders in well under 1 ms
+    # Side of the drawn image, or ``[width, height]``: a small shape is still ~10 px wide at 64; renders in < 1 ms.
+    image_size: int | tuple[int, int] = 64
+    # When set, ``[lo, hi]``: each scene is drawn at its own width and height, each uniform in [lo, hi] (so also
+    # non-square), and ``image_size`` is unused. Models see pictures at whatever size users have them, resized by
+    # their processor: training on many sizes keeps a model from learning one pixel grid's look.
+    size_range: tuple[int, int] | None = None
     min_shapes: int = 1  # a single shape keeps "the circle" questions unambiguous and easy to start with
     max_shapes: int = 3  # enough for counting and "which one" questions, still quick to learn
     colors: dict[str, RGB] = field(default_factory=lambda: dict(DEFAULT_COLORS))  # name -> RGB, see above
@@ -73,6 +81,24 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig: unknown shapes {sorted(unknown)}; known: {sorted(SIDES)}")
         if unknown := set(self.sizes) - set(SIZE_SCALE):
             raise ValueError(f"ShapesConfig: unknown sizes {sorted(unknown)}; known: {sorted(SIZE_SCALE)}")
+        sides = [self.image_size] if isinstance(self.image_size, int) else list(self.image_size)
+        if len(sides) not in (1, 2) or any(not isinstance(v, int) or v < MIN_IMAGE_SIDE for v in sides):
+            raise ValueError(
+                f"ShapesConfig: image_size={self.image_size!r}; expected a side or [width, height] of whole pixels "
+                f">= {MIN_IMAGE_SIDE}"
+            )
+        if self.size_range is not None:
+            bounds = list(self.size_range)
+            if len(bounds) != 2 or not all(isinstance(v, int) for v in bounds) or not (
+                MIN_IMAGE_SIDE <= bounds[0] <= bounds[1]
+            ):
+                raise ValueError(
+                    f"ShapesConfig: size_range={self.size_range!r}; expected [lo, hi], whole pixels with "
+                    f"{MIN_IMAGE_SIDE} <= lo <= hi"
+                )
+            self.size_range = (bounds[0], bounds[1])
+        if not isinstance(self.image_size, int):
+            self.image_size = tuple(self.image_size)
         # YAML and jsonargparse hand us lists; the rest of the code wants hashable tuples.
         self.colors = {name: tuple(int(v) for v in rgb) for name, rgb in self.colors.items()}
         self.shapes, self.sizes = tuple(self.shapes), tuple(self.sizes)
@@ -96,17 +122,19 @@ class ShapeSpec:
         """The cell in words, e.g. "top left" or "center"."""
         return POSITIONS[3 * self.row + self.col]
 
-    def radius(self, image_size: int) -> float:
-        """Half-extent of the shape in pixels."""
-        return SIZE_SCALE[self.size] * image_size / 6
+    def radius(self, image_size: int | tuple[int, int]) -> float:
+        """Half-extent of the shape in pixels: set by the shorter side, so a circle stays round in any aspect."""
+        width, height = image_wh(image_size)
+        return SIZE_SCALE[self.size] * min(width, height) / 6
 
-    def center(self, image_size: int) -> tuple[float, float]:
+    def center(self, image_size: int | tuple[int, int]) -> tuple[float, float]:
         """Centre of the shape in pixels ``(x, y)``."""
-        half_cell = image_size / 6
+        width, height = image_wh(image_size)
+        r = self.radius(image_size)
         # Room to move without leaving the cell (1 px margin), so neighbours never overlap.
-        room = max(0.0, half_cell - self.radius(image_size) - 1)
-        x = (2 * self.col + 1) * half_cell + self.dx * room
-        y = (2 * self.row + 1) * half_cell + self.dy * room
+        room_x, room_y = (max(0.0, side / 6 - r - 1) for side in (width, height))
+        x = (2 * self.col + 1) * width / 6 + self.dx * room_x
+        y = (2 * self.row + 1) * height / 6 + self.dy * room_y
         return x, y
 
 
@@ -120,6 +148,11 @@ class Scene:
     bg_angle: float = 0.0  # direction of the gradient, radians
     noise: float = 0.0  # std of the Gaussian pixel noise
     noise_seed: int = 0
+
+
+def image_wh(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of a side or a ``(width, height)`` pair."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
 
 
 def stable_seed(*parts: object) -> int:
@@ -175,30 +208,32 @@ def random_scene(rng: random.Random, config: ShapesConfig) -> Scene:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _pixel_grid(image_size: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _pixel_grid(width: int, height: int) -> np.ndarray:
     # Read-only: shared by every scene of this size (the training loop draws thousands a second).
-    grid = np.mgrid[0:image_size, 0:image_size].astype(np.float32)  # (2, S, S): rows, columns
+    grid = np.mgrid[0:height, 0:width].astype(np.float32)  # (2, H, W): rows, columns
     grid.flags.writeable = False
     return grid
 
 
-def render_scene(scene: Scene, image_size: int) -> Image.Image:
+def render_scene(scene: Scene, image_size: int | tuple[int, int]) -> Image.Image:
     """Paint a scene.
+
+    The 3x3 grid spans the whole image, whatever its aspect; shapes keep their form (sized by the shorter side).
 
     Args:
         scene: what to draw.
-        image_size: side of the square image in pixels.
+        image_size: side of a square image in pixels, or ``(width, height)``.
 
     Returns:
         An RGB image; a pure function of its arguments.
     """
     # Background: a linear blend from bg_from to bg_to along bg_angle, plus optional Gaussian noise.
-    ys, xs = _pixel_grid(image_size)  # (S, S) each
+    ys, xs = _pixel_grid(*image_wh(image_size))  # (H, W) each
     d = math.cos(scene.bg_angle) * xs + math.sin(scene.bg_angle) * ys
-    t = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)  # (S, S) in [0, 1]
+    t = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)  # (H, W) in [0, 1]
     lo, hi = np.array(scene.bg_from, np.float32), np.array(scene.bg_to, np.float32)
-    pixels = lo + t[..., None] * (hi - lo)  # (S, S, 3)
+    pixels = lo + t[..., None] * (hi - lo)  # (H, W, 3)
     if scene.noise > 0:
         pixels += np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")

@@ -130,6 +130,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The scene spec behind scene ``scene_index`` (ground truth for tests and evaluation)."""
         return random_scene(self._rng(scene_index, "scene"), self.config)
 
+    def image_size(self, scene_index: int) -> int | tuple[int, int]:
+        """The size scene ``scene_index`` is drawn at: ``config.image_size``, or ``(width, height)`` drawn from
+        ``config.size_range`` on a stream of its own (the scene and its questions are the same at any size)."""
+        if self.config.size_range is None:
+            return self.config.image_size
+        rng = self._rng(scene_index, "size")
+        return rng.randint(*self.config.size_range), rng.randint(*self.config.size_range)
+
     def questions(self, scene_index: int, scene: Scene | None = None) -> list[QA]:
         """The questions of scene ``scene_index``, in sample order q0, q1, ... (``scene``: its spec, if at hand)."""
         scene = scene if scene is not None else self.scene(scene_index)
@@ -163,7 +171,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             prompt, target = self.facts[self._rng(s, "text", name).randrange(len(self.facts))]
             return Sample(prompt=prompt, target=target, image=None, task="text", id=sid)
         scene = self.scene(s)
-        image = render_scene(scene, self.config.image_size)
+        image = render_scene(scene, self.image_size(s))
         if name == "cap":
             return Sample(prompt=CAPTION_PROMPT, target=caption(scene), image=image, task="caption", id=sid)
         qas = self.questions(s, scene)

@@ -49,3 +49,45 @@ def test_config_validation():
     config = ShapesConfig(colors={"red": [220, 30, 30], "blue": [30, 70, 220]}, image_size=128, max_shapes=4)
     s = ShapesDataset("train", 2, config)[0]
     assert s.image.size == (128, 128) and set(re.findall(r"red|blue", s.target)) <= {"red", "blue"}
+
+
+@pytest.mark.parametrize("size", [(96, 40), (33, 120), 17])
+def test_non_square_scenes_keep_every_shape_in_its_cell(size):
+    # The 3x3 grid spans the whole picture in any aspect; shapes are sized by the shorter side.
+    config = ShapesConfig(image_size=size)
+    width, height = (size, size) if isinstance(size, int) else size
+    rng = random.Random(1)
+    for _ in range(100):
+        scene = random_scene(rng, config)
+        pixels = np.asarray(render_scene(scene, size))
+        assert pixels.shape == (height, width, 3)
+        for spec in scene.shapes:
+            (x, y), r = spec.center(size), spec.radius(size)
+            assert tuple(pixels[int(y), int(x)]) == spec.rgb
+            assert spec.col * width / 3 <= x - r and x + r <= (spec.col + 1) * width / 3
+            assert spec.row * height / 3 <= y - r and y + r <= (spec.row + 1) * height / 3
+
+
+def test_size_range_draws_each_scene_at_its_own_size_with_the_same_content():
+    ranged = ShapesDataset("train", 40, ShapesConfig(size_range=(32, 128)), qa_per_scene=1, text_fraction=0.0)
+    fixed = ShapesDataset("train", 40, ShapesConfig(image_size=48), qa_per_scene=1, text_fraction=0.0)
+    sizes = [ranged[i].image.size for i in range(0, len(ranged), 2)]
+    assert all(32 <= w <= 128 and 32 <= h <= 128 for w, h in sizes)
+    assert len(set(sizes)) > 30 and any(w != h for w, h in sizes)  # sizes and aspects vary from scene to scene
+    # A scene's size comes from a stream of its own: the scene, its caption and questions do not change with it.
+    assert [ranged[i].target for i in range(len(ranged))] == [fixed[i].target for i in range(len(fixed))]
+    again = ShapesDataset("train", 40, ShapesConfig(size_range=(32, 128)), qa_per_scene=1, text_fraction=0.0)
+    assert [again[i].image.size for i in range(0, len(again), 2)] == sizes
+    assert np.array_equal(np.asarray(again[6].image), np.asarray(ranged[6].image))
+
+
+def test_image_size_and_size_range_are_checked():
+    with pytest.raises(ValueError, match=r"size_range=\(64, 32\).*lo <= hi"):
+        ShapesConfig(size_range=(64, 32))
+    with pytest.raises(ValueError, match=r"size_range=\[8, 32\].*16 <= lo"):
+        ShapesConfig(size_range=[8, 32])
+    with pytest.raises(ValueError, match=r"image_size=\[64, 32, 3\]"):
+        ShapesConfig(image_size=[64, 32, 3])
+    with pytest.raises(ValueError, match=r"image_size=0"):
+        ShapesConfig(image_size=0)
+    assert ShapesConfig(image_size=[64, 32], size_range=[20, 40]).image_size == (64, 32)

@@ -55,3 +55,31 @@ def test_evaluate_script_prints_json_last_line(model, tokenizer, tmp_path, capsy
     assert len(lines) > 2  # a table precedes the JSON
     preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all(isinstance(p["prediction"], str) for p in preds)
+
+
+def test_evaluate_at_image_sizes_scores_each_size(model, tokenizer, tmp_path, capsys):
+    from mmgpt.commands.evaluate import main
+    from mmgpt.pipeline import Pipeline
+
+    Pipeline(model, tokenizer).save_pretrained(tmp_path / "m")
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text("data:\n  shapes: {size_range: [20, 30]}\n  test: [{kind: shapes, size: 2}]\n  max_length: 96\n")
+    argv = ["--model", str(tmp_path / "m"), "--data", str(cfg), "--limit", "6", "--max-new-tokens", "4",
+            "--image-size", "32", "64x40", "--predictions", str(tmp_path / "p.jsonl")]
+    by_size = main(argv)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result) == ["32", "64x40"] and result["32"]["samples"] == 6
+    assert result == json.loads(json.dumps({k: {n: (int(v) if n.endswith("samples") else round(v, 6))
+                                                    for n, v in m.items()} for k, m in by_size.items()}))
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["image_size"] for p in preds] == ["32"] * 6 + ["64x40"] * 6
+    assert [p["id"] for p in preds[:6]] == [p["id"] for p in preds[6:]]  # the same samples at each size
+
+
+@pytest.mark.parametrize("size", ["64x", "big", "0x-3"])
+def test_evaluate_rejects_a_bad_image_size(size, capsys):
+    from mmgpt.commands.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--image-size", size])
+    assert e.value.code == 2 and "--image-size" in capsys.readouterr().err
