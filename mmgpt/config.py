@@ -86,6 +86,11 @@ class ProjectorConfig:
     # embedding. A CNN's feature map carries no absolute position, and the decoder's RoPE only tells it how far
     # back a token is, which changes with every generated word: the slot embedding names each cell outright.
     pos_embed: bool = False
+    # ZCA-whiten the MLP's input with statistics of the training images, measured once when training starts
+    # (needs a frozen vision tower). A frozen tower's features are badly conditioned (the quickstart's random ViT:
+    # largest/median covariance eigenvalue ~700), and gradient descent learns a direction at a speed set by its
+    # variance: the strong ones (is a cell empty) come first, the faint ones (which shape) many steps later.
+    whiten: bool = False
 
 
 ATTENTION_MODES = ("causal", "prefix")

@@ -69,11 +69,58 @@ class Projector(nn.Module):
             nn.init.zeros_(out.bias)
         # Same std as the output layer's weights: distinct slots from step 0, at the size of the tokens they mark.
         self.pos_embed = nn.Parameter(torch.randn(self.num_tokens, out_dim) * 0.02) if config.pos_embed else None
+        if config.whiten:
+            # Buffers, not parameters: set once by fit_whitening, saved and loaded with the weights. The identity
+            # until then; `whitened` says whether it has been fitted (a resumed run must not fit it again).
+            dim = vision_dim * r * r
+            self.register_buffer("whiten_mean", torch.zeros(dim))
+            self.register_buffer("whiten_matrix", torch.eye(dim))
+            self.register_buffer("whitened", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, H*W, vision_dim)
+    def mlp_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads, before whitening: the normalized, pixel-shuffled patch features.
+
+        Args:
+            x: patch features ``(B, H*W, vision_dim)``.
+
+        Returns:
+            ``(B, num_tokens, vision_dim * r * r)``.
+        """
         x = self.norm(x)
         if self.config.pixel_shuffle > 1:
             x = pixel_shuffle(x, self.grid_size, self.config.pixel_shuffle)
+        return x
+
+    @torch.no_grad()
+    def fit_whitening(self, inputs: torch.Tensor, eps: float = 1e-3) -> None:
+        """Set the ZCA whitening from samples of ``mlp_inputs``: afterwards they have zero mean and (nearly) the
+        identity covariance, and every direction of the features starts out as easy to learn as any other.
+
+        Args:
+            inputs: ``(N, vision_dim * r * r)`` features of training images, N well above the width.
+            eps: added to each eigenvalue, as a fraction of the largest: directions with almost no variance
+                (noise, or none at all) are scaled up at most ``eps ** -0.5`` times the strongest.
+        """
+        if not self.config.whiten:
+            raise ValueError("fit_whitening: this projector has projector.whiten=False")
+        x = inputs.reshape(-1, inputs.size(-1)).double()  # float64: the eigenvalues span several decades
+        if x.size(0) <= x.size(1):
+            raise ValueError(
+                f"fit_whitening: {x.size(0)} feature vectors for width {x.size(1)}; need more than the width"
+            )
+        mean = x.mean(0)
+        cov = torch.cov((x - mean).T)
+        eigenvalues, vectors = torch.linalg.eigh(cov)
+        eigenvalues = eigenvalues.clamp(min=0) + eps * eigenvalues.max()
+        matrix = vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T  # ZCA: a rotation back to the input axes
+        self.whiten_mean.copy_(mean)
+        self.whiten_matrix.copy_(matrix)
+        self.whitened.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H*W, vision_dim)
+        x = self.mlp_inputs(x)  # (B, num_tokens, vision_dim * r * r)
+        if self.config.whiten:
+            x = (x - self.whiten_mean) @ self.whiten_matrix
         x = self.mlp(x)  # (B, num_tokens, out_dim)
         return x if self.pos_embed is None else x + self.pos_embed

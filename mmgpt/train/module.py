@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from mmgpt.checkpoint import (
@@ -42,6 +42,11 @@ def _as_config(cls, value):
     if isinstance(value, dict):
         return config_from_dict(cls, value, f"model.{cls.__name__}")
     return value if value is not None else cls()
+
+
+# Images whose features fit projector.whiten: with 9+ tokens each, ~20k vectors for a few hundred dimensions, a
+# covariance good to a few percent; a few seconds of the tower's forward on a CPU.
+WHITENING_IMAGES = 2048
 
 
 class MMGPTModule(L.LightningModule):
@@ -132,6 +137,11 @@ class MMGPTModule(L.LightningModule):
         if gradient_checkpointing:
             self.model.decoder.gradient_checkpointing_enable()
         self.frozen = {"vision": freeze_vision, "projector": freeze_projector, "decoder": freeze_decoder}
+        if projector.whiten and not freeze_vision:
+            raise ValueError(
+                "projector.whiten=True measures the vision features once, when training starts; a tower that trains "
+                "would drift away from those statistics: set freeze_vision=True, or projector.whiten=False"
+            )
         for name in COMPONENTS:
             if self.frozen[name]:
                 getattr(self.model, name).requires_grad_(False)
@@ -165,6 +175,42 @@ class MMGPTModule(L.LightningModule):
         if self.trainer.strategy.root_device.type == "cpu":
             if message := slow_cpu_precision_warning(self.trainer.precision):
                 rank_zero_warn(message)
+
+    def on_train_start(self) -> None:
+        projector = self.model.projector
+        if getattr(projector.config, "whiten", False) and not bool(projector.whitened):
+            self._fit_whitening()
+
+    @torch.no_grad()
+    def _fit_whitening(self) -> None:
+        # The statistics come from the training data's own images through the frozen tower. Rank 0's are sent to
+        # every rank, so the replicas stay identical under DDP/FSDP (each rank's loader sees other images).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("projector.whiten=True needs a LightningDataModule to draw training images from")
+        projector, inputs, count = self.model.projector, [], 0
+        was_training = self.model.vision.training
+        self.model.vision.eval()
+        for batch in datamodule.train_dataloader():
+            if batch.get("images") is None:
+                continue
+            features = projector.mlp_inputs(self.model.vision(batch["images"].to(self.device)))
+            inputs.append(features.flatten(0, 1).float())
+            count += len(features)
+            if count >= WHITENING_IMAGES:
+                break
+        self.model.vision.train(was_training)
+        vectors = torch.cat(inputs) if inputs else torch.zeros(0, 0)
+        if vectors.size(0) <= vectors.size(1):
+            raise ValueError(
+                f"projector.whiten=True: the training data gave {count} images, {vectors.size(0)} feature vectors of "
+                f"width {vectors.size(1)}; fitting the whitening needs more vectors than the width: train on more "
+                f"images, or set projector.whiten=False"
+            )
+        projector.fit_whitening(vectors)
+        for name in ("whiten_mean", "whiten_matrix"):
+            getattr(projector, name).copy_(self.trainer.strategy.broadcast(getattr(projector, name), src=0))
+        rank_zero_info(f"projector.whiten: whitening fitted on the features of {count} training images")
 
     def summed_loss(self, batch: dict, per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy summed over the units of ``per``, and how many units there are.
