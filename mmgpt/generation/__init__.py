@@ -1,7 +1,7 @@
 """Generation: ``GenerationConfig``, the sampling functions, stop strings, the KV-cached decode state, greedy /
 sampled / streamed decoding (``engine``) on a batch that rows join and leave (``continuous_batch``), beam search,
-the prompt-prefix KV cache a chat's turns share (``prefix_cache``), and int8 weights for the decode step
-(``quantize``)."""
+the prompt-prefix KV cache a chat's turns share (``prefix_cache``), int8 weights for the decode step
+(``quantize``), and the float32 matmul kernel of CPU decode steps (``f32_gemm``)."""
 
 from typing import TYPE_CHECKING
 

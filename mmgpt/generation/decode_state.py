@@ -25,10 +25,12 @@ generates what it generates alone, as a left-padded row does.
 from __future__ import annotations
 
 import threading
+import types
 import weakref
 
 import torch
 
+from mmgpt.generation.f32_gemm import fast_inference
 from mmgpt.generation.prefix_cache import CachedPrefix, PrefixCache, image_starts, weights_key
 from mmgpt.models.attention import build_attention_mask
 from mmgpt.models.decoder import BaseDecoder
@@ -118,6 +120,15 @@ def decode_step(
     return decoder(tokens[:, None], input_pos=input_pos, position_ids=position_ids, attn_mask=mask)[:, -1]
 
 
+def compile_decode_step():
+    """``decode_step`` through ``torch.compile``, with graphs of its own: a copy of the function with its own code
+    object. Dynamo keeps graphs per code object and falls back to eager, with a warning, past
+    ``recompile_limit`` (8) of them; each model takes one or two (batch 1, and any other batch size), so one
+    ``decode_step`` shared by every model compiled in a process would run eagerly from the fifth model or so."""
+    step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
+    return torch.compile(step, dynamic=True)
+
+
 class DecodeState:
     """A left-padded batch being decoded: per-row positions, masks and KV cache, kept in step.
 
@@ -198,6 +209,11 @@ class DecodeState:
         self.lock = _model_lock(self.decoder)
         self.lock.acquire()
         self.closed = False
+        try:
+            fast_inference(self.decoder, True)  # packed weights are kept from the last generation if unchanged
+        except BaseException:
+            self.close()
+            raise
 
     def _may_reuse(self, attention_mask: torch.Tensor) -> bool:
         """Whether a cached prefix's keys and values are exactly what this prefill would compute: one row without
@@ -285,7 +301,7 @@ class DecodeState:
             )[:, -1]
         if self.step_fn is None:
             if self.compile and self.lock.compiled_step is None:
-                self.lock.compiled_step = torch.compile(decode_step, dynamic=True)
+                self.lock.compiled_step = compile_decode_step()
             self.step_fn = self.lock.compiled_step if self.compile else decode_step
         logits = self.step_fn(
             self.decoder, tokens, self.slots[pos : pos + 1], self.position_ids[:, pos : pos + 1],
@@ -410,6 +426,7 @@ class DecodeState:
             return
         self.closed = True
         try:
+            fast_inference(self.decoder, False)
             if self.use_cache:
                 try:
                     if self.prefix_cache is not None and self.written:

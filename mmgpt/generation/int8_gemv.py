@@ -21,6 +21,10 @@ writable by group or others is refused, with a warning), links are not followed,
 bytes hash to the sha256 recorded beside it at build time; otherwise it is rebuilt (under a lock, written atomically).
 Where it cannot be built (no compiler, no AVX-512, not x86-64), or with ``MMGPT_INT8_KERNEL=0`` in the environment,
 ``int8_gemv_available()`` is False and callers use torch's kernel.
+
+The same library holds the float32 kernel of ``mmgpt.generation.f32_gemm``. One library, because glibc's
+``dlopen`` takes a name it has opened before for that library, and every library here is opened as
+``/proc/self/fd/N``: a second library opened under a descriptor number the first one had would be the first one again.
 """
 
 from __future__ import annotations
@@ -82,6 +86,60 @@ void mmgpt_int8_gemv(const float* x, const int8_t* w, const float* scale, float*
     int64_t n = 0;
     for (; n + ROWS <= N; n += ROWS) block(x, w, scale, y, end, M, N, K, n, ROWS);  /* ROWS constant: unrolled */
     if (n < N) block(x, w, scale, y, end, M, N, K, n, (int)(N - n));
+}
+
+/* ---- float32: the kernel of mmgpt.generation.f32_gemm (one library: see the module docstring) ---- */
+
+#define NR 32    /* output columns per panel: two AVX-512 registers */
+#define MR 8     /* rows per pass over a panel: 2 x 8 accumulators, half the registers */
+
+/* Rows [m, m + rows) of y, columns [n, n + 32) (masked at the right edge), from the panel p (K x 32). Prefetches
+   the panel `next` (or nothing if NULL) one row of 32 weights per step, keeping pace with the loads. */
+static inline __attribute__((always_inline)) void tile(
+    const float* x, const float* p, const float* next, float* y, int64_t K, int64_t N, int64_t n, int64_t m,
+    const int rows, __mmask16 lo, __mmask16 hi
+) {
+    __m512 a0[MR], a1[MR];
+    for (int i = 0; i < rows; i++) { a0[i] = _mm512_setzero_ps(); a1[i] = _mm512_setzero_ps(); }
+    for (int64_t k = 0; k < K; k++) {
+        if (next) {
+            _mm_prefetch((const char*)(next + k * NR), _MM_HINT_T2);
+            _mm_prefetch((const char*)(next + k * NR + 16), _MM_HINT_T2);
+        }
+        __m512 w0 = _mm512_loadu_ps(p + k * NR), w1 = _mm512_loadu_ps(p + k * NR + 16);
+        for (int i = 0; i < rows; i++) {
+            __m512 xv = _mm512_set1_ps(x[(m + i) * K + k]);
+            a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
+            a1[i] = _mm512_fmadd_ps(xv, w1, a1[i]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        _mm512_mask_storeu_ps(y + (m + i) * N + n, lo, a0[i]);
+        _mm512_mask_storeu_ps(y + (m + i) * N + n + 16, hi, a1[i]);
+    }
+}
+
+/* y (M, N) = x (M, K) @ w.T, w given as p (ceil(N / 32), K, 32): its panels of 32 rows, transposed, zero-padded. */
+void mmgpt_f32_gemm(const float* x, const float* p, float* y, int64_t M, int64_t N, int64_t K) {
+    const int64_t panels = (N + NR - 1) / NR;
+    for (int64_t j = 0; j < panels; j++) {
+        const float* panel = p + j * K * NR;
+        const float* next = j + 1 < panels ? panel + K * NR : 0;
+        const int64_t n = j * NR, left = N - n;
+        const __mmask16 lo = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __mmask16 hi = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR, next = 0) tile(x, panel, next, y, K, N, n, m, MR, lo, hi);  /* prefetch once */
+        switch (M - m) {  /* constant row counts: the loops over rows unroll */
+            case 7: tile(x, panel, next, y, K, N, n, m, 7, lo, hi); break;
+            case 6: tile(x, panel, next, y, K, N, n, m, 6, lo, hi); break;
+            case 5: tile(x, panel, next, y, K, N, n, m, 5, lo, hi); break;
+            case 4: tile(x, panel, next, y, K, N, n, m, 4, lo, hi); break;
+            case 3: tile(x, panel, next, y, K, N, n, m, 3, lo, hi); break;
+            case 2: tile(x, panel, next, y, K, N, n, m, 2, lo, hi); break;
+            case 1: tile(x, panel, next, y, K, N, n, m, 1, lo, hi); break;
+        }
+    }
 }
 """
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC"]
@@ -283,7 +341,20 @@ def _load(cache: Path) -> ctypes.CDLL:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.mmgpt_int8_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.mmgpt_int8_gemv.restype = None
+    lib.mmgpt_f32_gemm.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    lib.mmgpt_f32_gemm.restype = None
     return lib
+
+
+def load_kernel_library() -> ctypes.CDLL:
+    """The library of mmgpt's kernels (this one and those of ``mmgpt.generation.f32_gemm``), built on first use,
+    whatever ``MMGPT_INT8_KERNEL`` says (each module has its own switch).
+
+    Raises:
+        RuntimeError: it cannot be built here (not x86-64, no AVX-512, no C compiler, a failed build).
+        UnsafeKernelCacheError: the kernel cache is not the user's alone.
+    """
+    return _load(_CACHE)
 
 
 def int8_gemv_available() -> bool:

@@ -125,8 +125,11 @@ def single_query_attention(
 ) -> torch.Tensor:
     """Attention of one query per row (a decode step), written out.
 
-    What SDPA computes, for the compiled decode step: there the scores, the softmax and the weighted sum fuse
-    into one loop, while SDPA's CPU kernel costs far more than this little arithmetic (a third of a step).
+    What SDPA computes, in the form that is fastest on a CPU. One row (compiled): products summed, so that the
+    scores, the softmax and the weighted sum fuse into one loop, while SDPA's CPU kernel costs far more than this
+    little arithmetic (a third of a step). Several rows: two batched matmuls, each key/value head's query heads
+    against its keys; at 16 rows they took half of SDPA's time and of the fused loop's, which does a horizontal sum
+    per key (one thread, 8 query heads on 2 key/value heads of 32, 150 keys: 108 us, SDPA 205, the loop 309).
 
     Args:
         q: ``(B, nh, 1, hs)``; k, v: ``(B, ng, S, hs)`` with ``nh`` a multiple of ``ng`` (grouped queries).
@@ -137,13 +140,64 @@ def single_query_attention(
     """
     B, nh, _, hs = q.shape
     ng = k.size(1)
-    q = q.view(B, ng, nh // ng, 1, hs)  # the query heads that share each key/value head
-    scores = (q * k[:, :, None]).sum(-1) * hs**-0.5  # (B, ng, nh/ng, S)
+    if B == 1:
+        q = q.view(B, ng, nh // ng, 1, hs)  # the query heads that share each key/value head
+        scores = (q * k[:, :, None]).sum(-1) * hs**-0.5  # (B, ng, nh/ng, S)
+    else:
+        scores = (q.view(B, ng, nh // ng, hs) * hs**-0.5) @ k.transpose(-1, -2)  # (B, ng, nh/ng, S)
     if mask is not None:
         mask = mask.view(mask.size(0), 1, 1, -1)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    y = (scores.softmax(dim=-1)[..., None] * v[:, :, None]).sum(-2)  # (B, ng, nh/ng, hs)
+    if B == 1:
+        y = (scores.softmax(dim=-1)[..., None] * v[:, :, None]).sum(-2)  # (B, ng, nh/ng, hs)
+    else:
+        y = scores.softmax(dim=-1) @ v  # (B, ng, nh/ng, hs)
     return y.view(B, nh, 1, hs)
+
+
+# While generation decodes (``mmgpt.generation.f32_gemm.fast_inference``), a Linear that needs no gradient multiplies
+# on the CPU's fastest path for its rows (one thread of a 2-core AMD EPYC with AVX-512; benchmarks/README.md,
+# "Generation speed"):
+# * at most GEMM_MAX_ROWS rows (a decode step): mmgpt's float32 kernel on a packed copy of the weight, 2-3x MKL's
+#   speed there, where generation has made one (see ``mmgpt.generation.f32_gemm`` for when);
+# * more rows (a prefill), with at least ONEDNN_MIN_MACS multiply-adds, on an AVX-512 CPU: oneDNN, 190-205 GFLOP/s
+#   against MKL's ~90; but a call costs it ~15 us against MKL's ~4, so smaller products stay with MKL, as do those of
+#   a compiled step (Inductor lowers oneDNN's linear only on weights that are graph constants).
+# The products are the same, summed in another order.
+GEMM_MAX_ROWS = 16
+ONEDNN_MIN_MACS = 1 << 23
+# With AVX2 kernels only (ONEDNN_MAX_CPU_ISA=AVX2) oneDNN's linear was ~15 % faster than MKL's alone, but first
+# tokens came no sooner in benchmarks/generate.py (8m-gqa, batch 16: 361-370 ms against 335-345 with MKL): there
+# prefills stay with MKL.
+_ONEDNN = torch.backends.mkldnn.is_available() and "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with a faster inference path for inputs that need no gradient (see ``GEMM_MAX_ROWS``), taken
+    while ``fast`` is set: generation sets it, and the fields below, for the time it decodes
+    (``mmgpt.generation.f32_gemm.fast_inference``)."""
+
+    fast = False
+    packed: torch.Tensor | None = None  # the weight in the layout of the operator mmgpt::f32_gemm, where that runs
+    gemm = None  # the same operator's function, called directly by eager code (no dispatch)
+    kernel_min_macs = 0  # products with fewer multiply-adds stay with MKL
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // self.in_features
+        macs = rows * self.in_features * self.out_features
+        # `packed` read last: a compiled step checks every tensor it reads at each call (~2 us per tensor).
+        if rows <= GEMM_MAX_ROWS and macs >= self.kernel_min_macs and self.packed is not None:
+            x2 = x.reshape(rows, self.in_features)
+            if torch.compiler.is_compiling():
+                y = torch.ops.mmgpt.f32_gemm(x2, self.packed, self.out_features)
+            else:
+                y = self.gemm(x2, self.packed, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        if macs >= ONEDNN_MIN_MACS and _ONEDNN and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,8 +205,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
         qkv_dim = (config.n_head + 2 * config.n_query_groups) * config.head_size
-        self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=False)
-        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.qkv = Linear(config.n_embd, qkv_dim, bias=False)
+        self.proj = Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.dropout = config.dropout
         self.kv_cache: KVCache | None = None
 
@@ -175,8 +229,9 @@ class CausalSelfAttention(nn.Module):
             if mask is not None and mask.size(-1) < k.size(2):
                 # A mask over the first S' slots says the rest are unwritten: skip them instead of masking them.
                 k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
-        if T == 1 and not self.training and torch.compiler.is_compiling():
-            y = single_query_attention(q, k, v, mask)  # a compiled decode step: fuses, unlike SDPA's kernel
+        if T == 1 and not self.training and (B > 1 or torch.compiler.is_compiling()):
+            # A decode step of several rows, or a compiled one: faster than SDPA's CPU kernel (see there).
+            y = single_query_attention(q, k, v, mask)
         else:
             # Never pass both a mask and is_causal=True: SDPA rejects it, and the mask already says everything.
             y = F.scaled_dot_product_attention(
@@ -190,8 +245,8 @@ class SwiGLU(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         # gate and up projections fused into one matmul; split in forward.
-        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.fc = Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc(x).chunk(2, dim=-1)
@@ -314,7 +369,7 @@ class Decoder(BaseDecoder):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)

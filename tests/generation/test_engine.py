@@ -9,6 +9,7 @@ from conftest import assert_lively, make_lively, mixed_requests, scripted
 from transformers import LlamaForCausalLM
 
 from mmgpt.convert.hf_llama import to_hf_llama_config, to_hf_llama_state_dict
+from mmgpt.generation.decode_state import compile_decode_step, decode_step
 from mmgpt.generation.engine import generate, stream_tokens
 from mmgpt.models.mmgpt import MMGPT
 
@@ -129,6 +130,15 @@ def test_compiled_decode_step_equals_eager(lively, pipeline, images):
             generate(lively, ids, mask, pixels, max_new_tokens=10, compile=True, **kw),
             generate(lively, ids, mask, pixels, max_new_tokens=10, **kw),
         )
+
+
+def test_each_model_compiles_a_decode_step_of_its_own():
+    # Dynamo keeps graphs per code object, and runs eagerly past recompile_limit (8) of them: one decode_step shared
+    # by every model would do so from about the fifth model (a benchmark sweep, a server with several models).
+    steps = [compile_decode_step(), compile_decode_step()]
+    codes = [step._torchdynamo_orig_callable.__code__ for step in steps]
+    assert codes[0] is not codes[1] and all(code is not decode_step.__code__ for code in codes)
+    assert codes[0] == decode_step.__code__  # the same function otherwise
 
 
 def test_stream_tokens_yields_rows_and_stops(lively, pipeline):

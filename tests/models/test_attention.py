@@ -74,13 +74,14 @@ def test_prefix_lm_future_answer_cannot_leak_but_prompt_is_bidirectional(tiny_co
     torch.testing.assert_close(logits("causal", prompt_changed, P)[: P - 1], causal[: P - 1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows", [3, 1], ids=["matmuls", "summed-products"])
 @pytest.mark.parametrize("n_query_groups", [4, 2, 1])
-def test_single_query_attention_equals_sdpa(n_query_groups):
-    # The compiled decode step's written-out attention against SDPA, for MHA, GQA and MQA, both mask kinds.
+def test_single_query_attention_equals_sdpa(n_query_groups, rows):
+    # The decode step's written-out attention (both of its forms) against SDPA, for MHA, GQA and MQA, both mask kinds.
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 4, 1, 8, generator=g)
-    k, v = torch.randn(2, 3, n_query_groups, 7, 8, generator=g)
-    mask = torch.rand(3, 1, 1, 7, generator=g) > 0.3
+    q = torch.randn(rows, 4, 1, 8, generator=g)
+    k, v = torch.randn(2, rows, n_query_groups, 7, 8, generator=g)
+    mask = torch.rand(rows, 1, 1, 7, generator=g) > 0.3
     mask[..., -1] = True
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_query_groups != 4)
