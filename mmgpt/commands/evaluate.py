@@ -71,6 +71,17 @@ def size_name(size: int | tuple[int, int]) -> str:
     return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
 
 
+def json_metrics(metrics: dict[str, float]) -> dict[str, float | int]:
+    """The JSON line's form of metrics: counts (``...samples``) as integers, scores rounded to 6 places."""
+    return {k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in metrics.items()}
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dict:
     """Parse the arguments, evaluate, print the metrics table and the JSON line.
 
@@ -114,15 +125,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "mmgpt evaluate") -> dic
         max_new_tokens=args.max_new_tokens, max_length=dm.max_length, limit=args.limit,
     )
     if args.predictions:
-        with open(args.predictions, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_predictions(args.predictions, rows)
     width = max(len(k) for k in metrics)
     print(f"{'metric':<{width}}  value")
     for k, v in metrics.items():
         print(f"{k:<{width}}  {v:.4f}" if not k.endswith("samples") else f"{k:<{width}}  {int(v)}")
     sys.stdout.flush()
-    print(json.dumps({k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in metrics.items()}))
+    print(json.dumps(json_metrics(metrics)))
     return metrics
 
 
@@ -144,16 +153,12 @@ def _evaluate_sizes(pipe: mmgpt.Pipeline, dm: MMGPTDataModule, args: argparse.Na
         rows_out += [{**r, "image_size": size_name(size)} for r in rows]
     dm.shapes = base
     if args.predictions:
-        with open(args.predictions, "w") as f:
-            for r in rows_out:
-                f.write(json.dumps(r) + "\n")
+        write_predictions(args.predictions, rows_out)
     names = [k for k in next(iter(by_size.values())) if not k.endswith("samples")]
     width = max(len(k) for k in names)
     print(f"{'metric':<{width}}  " + "  ".join(f"{k:>8}" for k in by_size))
     for name in names:
         print(f"{name:<{width}}  " + "  ".join(f"{m.get(name, float('nan')):8.4f}" for m in by_size.values()))
     sys.stdout.flush()
-    rounded = {size: {k: (int(v) if k.endswith("samples") else round(v, 6)) for k, v in m.items()}
-               for size, m in by_size.items()}
-    print(json.dumps(rounded))
+    print(json.dumps({size: json_metrics(m) for size, m in by_size.items()}))
     return by_size

@@ -178,7 +178,7 @@ class MMGPTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         projector = self.model.projector
-        if getattr(projector.config, "whiten", False) and not bool(projector.whitened):
+        if projector.config.whiten and not bool(projector.whitened):
             self._fit_whitening()
 
     @torch.no_grad()
