@@ -52,10 +52,15 @@ class ShapesConfig:
 
     # Side of the drawn image, or ``[width, height]``: a small shape is still ~10 px wide at 64; renders in < 1 ms.
     image_size: int | tuple[int, int] = 64
-    # When set, ``[lo, hi]``: each scene is drawn at its own width and height, each uniform in [lo, hi] (so also
-    # non-square), and ``image_size`` is unused. Models see pictures at whatever size users have them, resized by
-    # their processor: training on many sizes keeps a model from learning one pixel grid's look.
+    # When set, ``[lo, hi]``: each scene is drawn at its own size and ``image_size`` is unused. Models see pictures
+    # at whatever size users have them, resized by their processor: training on many sizes keeps a model from
+    # learning one pixel grid's look.
     size_range: tuple[int, int] | None = None
+    # With size_range: the longest width/height ratio. The longer side is uniform in [lo, hi], the ratio uniform
+    # in [1, max_aspect], the orientation a coin toss; 1.0 draws squares. None draws width and height apart, each
+    # uniform in [lo, hi] (ratios up to hi/lo). A processor squashes a non-square picture to its square input, and
+    # a squashed small shape is the hardest thing to read in the scenes.
+    max_aspect: float | None = None
     min_shapes: int = 1  # a single shape keeps "the circle" questions unambiguous and easy to start with
     max_shapes: int = 3  # enough for counting and "which one" questions, still quick to learn
     colors: dict[str, RGB] = field(default_factory=lambda: dict(DEFAULT_COLORS))  # name -> RGB, see above
@@ -97,6 +102,10 @@ class ShapesConfig:
                     f"{MIN_IMAGE_SIDE} <= lo <= hi"
                 )
             self.size_range = (bounds[0], bounds[1])
+        if self.max_aspect is not None and not (
+            isinstance(self.max_aspect, (int, float)) and not isinstance(self.max_aspect, bool) and self.max_aspect >= 1
+        ):
+            raise ValueError(f"ShapesConfig: max_aspect={self.max_aspect!r}; expected a number >= 1 (1 draws squares)")
         if not isinstance(self.image_size, int):
             self.image_size = tuple(self.image_size)
         # YAML and jsonargparse hand us lists; the rest of the code wants hashable tuples.

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from mmgpt.data.sample import TASKS, Sample, Task
-from mmgpt.data.scenes import POSITIONS, Scene, ShapesConfig, random_scene, render_scene, stable_seed
+from mmgpt.data.scenes import MIN_IMAGE_SIDE, POSITIONS, Scene, ShapesConfig, random_scene, render_scene, stable_seed
 from mmgpt.data.shapes_language import (
     NUMBER_WORDS,
     QA,
@@ -132,11 +132,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def image_size(self, scene_index: int) -> int | tuple[int, int]:
         """The size scene ``scene_index`` is drawn at: ``config.image_size``, or ``(width, height)`` drawn from
-        ``config.size_range`` on a stream of its own (the scene and its questions are the same at any size)."""
+        ``config.size_range`` and ``config.max_aspect`` on a stream of its own (the scene and its questions are the
+        same at any size)."""
         if self.config.size_range is None:
             return self.config.image_size
         rng = self._rng(scene_index, "size")
-        return rng.randint(*self.config.size_range), rng.randint(*self.config.size_range)
+        if self.config.max_aspect is None:
+            return rng.randint(*self.config.size_range), rng.randint(*self.config.size_range)
+        long = rng.randint(*self.config.size_range)
+        short = max(MIN_IMAGE_SIDE, round(long / rng.uniform(1.0, self.config.max_aspect)))
+        return (long, short) if rng.random() < 0.5 else (short, long)
 
     def questions(self, scene_index: int, scene: Scene | None = None) -> list[QA]:
         """The questions of scene ``scene_index``, in sample order q0, q1, ... (``scene``: its spec, if at hand)."""

@@ -81,7 +81,25 @@ def test_size_range_draws_each_scene_at_its_own_size_with_the_same_content():
     assert np.array_equal(np.asarray(again[6].image), np.asarray(ranged[6].image))
 
 
+@pytest.mark.parametrize("max_aspect", [1.0, 2.0])
+def test_max_aspect_bounds_the_ratio_of_the_drawn_sides(max_aspect):
+    config = ShapesConfig(size_range=(32, 128), max_aspect=max_aspect)
+    data = ShapesDataset("train", 200, config, qa_per_scene=1, text_fraction=0.0)
+    sizes = [data.image_size(i) for i in range(200)]
+    assert all(32 <= max(w, h) <= 128 for w, h in sizes)
+    ratios = [max(w, h) / min(w, h) for w, h in sizes]
+    # Rounding the shorter side to whole pixels can stretch the ratio by half a pixel's worth.
+    assert all(r <= max_aspect * (1 + 1 / 32) for r in ratios)
+    if max_aspect == 1.0:
+        assert all(w == h for w, h in sizes) and len(set(sizes)) > 50
+    else:
+        assert max(ratios) > 1.8 and any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+
+
 def test_image_size_and_size_range_are_checked():
+    for bad in (0.5, "wide", True):
+        with pytest.raises(ValueError, match=rf"max_aspect={bad!r}; expected a number >= 1"):
+            ShapesConfig(size_range=(32, 64), max_aspect=bad)
     with pytest.raises(ValueError, match=r"size_range=\(64, 32\).*lo <= hi"):
         ShapesConfig(size_range=(64, 32))
     with pytest.raises(ValueError, match=r"size_range=\[8, 32\].*16 <= lo"):
