@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt.config import MMGPTConfig
 from mmgpt.factory import create_model
+from mmgpt.finite_weights import check_finite
 from mmgpt.models.hf_decoder import HFDecoder
 from mmgpt.models.lora import (
     LoRAConfig,
@@ -64,8 +64,6 @@ _CKPT_MODEL_PREFIX = "model."
 # A URL ("http://", "file://") or an fsspec path ("s3://", "simplecache::http://"): not a local path. Lightning and
 # torch.hub would fetch such a path and unpickle it with weights_only=False.
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
-# How many offending tensors an error names before summing up the rest.
-_NAMED = 8
 
 
 def is_remote(path: str | Path) -> bool:
@@ -86,24 +84,6 @@ def local_path(path: str | Path, argument: str) -> Path:
             f"(a remote pickle could run code when loaded): download it first and pass the local path"
         )
     return Path(path).expanduser()
-
-
-def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
-    return [
-        name for name, t in state_dict.items()
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-
-
-def check_finite(state_dict: Mapping[str, Any], where: str) -> None:
-    """Raise a ValueError naming the tensors of ``state_dict`` that are not finite (``where``: what they are)."""
-    if bad := nonfinite_tensors(state_dict):
-        shown = ", ".join(bad[:_NAMED]) + (f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else "")
-        raise ValueError(
-            f"{where}: {len(bad)} of {len(state_dict)} weight tensors hold NaN or inf ({shown}); a diverged "
-            f"training run leaves such weights: restart from an earlier checkpoint with a lower learning rate"
-        )
 
 
 def save_exported(model: MMGPT, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
@@ -317,8 +297,8 @@ def _model_from_lightning_checkpoint(ckpt: dict, path: Path) -> MMGPT:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MMGPT, Any]:
     """``(model, tokenizer)`` from an exported directory, a Lightning ``.ckpt`` file, or a saved HF vision-language
     model that mmgpt runs through its own modules (``SmolVLMForConditionalGeneration``,
-    ``Idefics3ForConditionalGeneration``, ``PaliGemmaForConditionalGeneration``: safetensors, converted on load).
-    Local paths only."""
+    ``Idefics3ForConditionalGeneration``, ``PaliGemmaForConditionalGeneration``,
+    ``LlavaOnevisionForConditionalGeneration``: safetensors, converted on load). Local paths only."""
     path = local_path(path, "path")
     if path.is_dir():
         hf = _hf_vlm_loader(path)
@@ -336,6 +316,7 @@ def _hf_vlm_loader(path: Path):
     """``hf_dir -> (model, tokenizer)`` for a saved HF model family mmgpt imports, or None (read from
     ``config.json`` alone; the converters load only when one is needed)."""
     from mmgpt.convert.idefics3 import is_idefics3_dir
+    from mmgpt.convert.llava_onevision import is_llava_onevision_dir
     from mmgpt.convert.paligemma import is_paligemma_dir
 
     if is_idefics3_dir(path):
@@ -344,6 +325,9 @@ def _hf_vlm_loader(path: Path):
     elif is_paligemma_dir(path):
         from mmgpt.convert.paligemma import import_paligemma as load
         from mmgpt.convert.paligemma import load_paligemma_tokenizer as tokenizer
+    elif is_llava_onevision_dir(path):
+        from mmgpt.convert.llava_onevision import import_llava_onevision as load
+        from mmgpt.convert.llava_onevision import load_llava_onevision_tokenizer as tokenizer
     else:
         return None
 

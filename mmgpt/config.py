@@ -63,6 +63,52 @@ class VisionConfig:
     # do_image_splitting, mean, std, resample, backend, ...). A picture then takes rows * cols + 1 images, each
     # image_seq_len tokens. None: the whole picture is resized to one img_size square.
     tiling: dict[str, Any] | None = None
+    # Pictures of any size as LLaVA-OneVision takes them (mmgpt.models.anyres): tiles on a canvas chosen per
+    # picture, their tokens unpadded, pooled and packed with a learned newline per row, so a picture takes a number
+    # of tokens that depends on its size. None: every image takes image_seq_len tokens. Not with tiling.
+    anyres: AnyresConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.anyres, dict):  # from YAML, a checkpoint or the CLI
+            self.anyres = config_from_dict(AnyresConfig, self.anyres, "vision.anyres")
+        if self.anyres is not None and self.tiling is not None:
+            raise ValueError(
+                "vision.tiling and vision.anyres are two ways to cut a picture into tiles (Idefics3's and "
+                "LLaVA-OneVision's); set one of them"
+            )
+
+
+@dataclass
+class AnyresConfig:
+    """How ``vision.anyres`` lays pictures out on tiles and packs their tokens (``mmgpt.models.anyres``): the fields
+    of ``AnyresImageProcessor`` but ``tile_size`` (which is ``vision.img_size``), and ``max_tiles``.
+
+    Lists rather than tuples, so that the config round-trips through ``yaml.safe_dump``.
+    """
+
+    # (height, width) canvases a picture may be laid out on, multiples of vision.img_size; the one that shows most
+    # of the picture's pixels and wastes the least is chosen per picture (LLaVA-OneVision's image_grid_pinpoints).
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
+    # vision_aspect_ratio="anyres_max_N": a packed map of more than N tiles' worth of tokens is shrunk to about
+    # that many, which bounds the prompt length of a huge picture.
+    max_tiles: int = 9
+    # Per-channel normalization of the tiles; transformers' default for a LLaVA-OneVision processor that names
+    # none is OpenAI CLIP's (the released models save SigLIP's 0.5).
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    # 8-bit pixels to [0, 1] before normalizing.
+    rescale_factor: float = 1 / 255
+    # The resize filter (one of image_tiling.RESAMPLE_NAMES' values); the released models use bicubic.
+    resample: str = "bicubic"
+    # Whose resize to equal bit for bit: "torchvision" or "pil". None: transformers' default where the model is
+    # loaded, so a config saved on one machine does not force a backend on another.
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self.grid_pinpoints = [[int(x) for x in p] for p in self.grid_pinpoints]  # checked by AnyresLayout
+        self.mean, self.std = [float(m) for m in self.mean], [float(s) for s in self.std]
+        if isinstance(self.max_tiles, bool) or not isinstance(self.max_tiles, int) or self.max_tiles < 1:
+            raise ValueError(f"vision.anyres.max_tiles={self.max_tiles!r} must be a positive int")
 
 
 @dataclass

@@ -6,6 +6,7 @@ File formats are ``mmgpt.checkpoint``'s; this module turns images and prompts in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,10 +25,11 @@ from mmgpt.generation.engine import resolve_generation_config, stream_tokens
 from mmgpt.generation.prefix_cache import PrefixCache
 from mmgpt.generation.stopping import cut_at_stop_string
 from mmgpt.messages import image_places, parse_messages
+from mmgpt.models.anyres import AnyresImageProcessor
 from mmgpt.models.image_processor import ImageInput
 from mmgpt.models.image_tiling import TilingImageProcessor, image_prompt
 from mmgpt.models.mmgpt import MMGPT
-from mmgpt.prompts import IMAGE, content_parts, conversation, encode_conversation, reads_content_parts
+from mmgpt.prompts import IMAGE, conversation, encode_conversation
 from mmgpt.tokenizer import ASSETS
 
 DEFAULT_MODEL = ASSETS / "default_model"
@@ -40,22 +42,36 @@ class ImageEmbedding:
     Pass it wherever an image goes: several questions about one image then encode it once.
     """
 
-    embeds: torch.Tensor  # (image_seq_len, n_embd), ready to splice into the prompt; (tiles, ...) when tiled
-    grid: tuple[int, int] | None = None  # (rows, cols) of a tiled picture (Idefics3/SmolVLM); None otherwise
+    # (image_seq_len, n_embd), ready to splice into the prompt; (tiles, image_seq_len, n_embd) when tiled; a
+    # packed picture's (tokens, n_embd)
+    embeds: torch.Tensor
+    # (rows, cols) of a tiled (Idefics3/SmolVLM) or packed (LLaVA-OneVision) picture, (0, 0) when it was not split;
+    # None otherwise
+    grid: tuple[int, int] | None = None
+    # LLaVA-OneVision (vision.anyres): embeds are the picture's packed tokens, as many as its size makes
+    packed: bool = False
 
     def __post_init__(self) -> None:
-        ndim = 2 if self.grid is None else 3
+        ndim = 3 if self.grid is not None and not self.packed else 2
         if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != ndim:
             raise TypeError(
-                "ImageEmbedding.embeds must be an (image_seq_len, n_embd) tensor (tiles first for a tiled picture) "
-                f"from Pipeline.encode_image, got {type(self.embeds).__name__} of shape "
-                f"{tuple(getattr(self.embeds, 'shape', ()))}"
+                "ImageEmbedding.embeds must be an (image_seq_len, n_embd) tensor (tiles first for a tiled picture, "
+                "(tokens, n_embd) for a packed one) from Pipeline.encode_image, got "
+                f"{type(self.embeds).__name__} of shape {tuple(getattr(self.embeds, 'shape', ()))}"
             )
+        if self.packed and self.grid is None:
+            raise TypeError("a packed ImageEmbedding needs its grid: (rows, cols), (0, 0) for a picture taken whole")
 
     @property
     def tiles(self) -> torch.Tensor:
-        """``(images, image_seq_len, n_embd)``: what the model splices for this picture."""
+        """What the model splices for this picture: ``(images, image_seq_len, n_embd)``, or a packed picture's
+        ``(tokens, n_embd)``."""
         return self.embeds if self.grid is not None else self.embeds[None]
+
+    @property
+    def split(self) -> bool:
+        """A packed picture that was cut into tiles: it may only be a prompt's one picture."""
+        return self.packed and self.grid != (0, 0)
 
 
 # What a prompt's image slot takes: nothing, an image, an encoded image, or a list of those (several images).
@@ -91,6 +107,9 @@ class Pipeline:
         # Idefics3/SmolVLM: a picture becomes several tiles (mmgpt.models.image_tiling), and its <image> marker the
         # text around their placeholders.
         self.tiled = isinstance(self.processor, TilingImageProcessor)
+        # LLaVA-OneVision (mmgpt.models.anyres): a picture's placeholder count depends on its size, and on whether it
+        # is its prompt's one picture (split into tiles) or one of several (taken whole), as in HF's processor.
+        self.anyres = isinstance(self.processor, AnyresImageProcessor)
         # The defaults of every generate/stream call, as HF's model.generation_config; a call's keywords and
         # generation_config override them.
         self.generation_config = GenerationConfig(
@@ -139,27 +158,35 @@ class Pipeline:
     def encode(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """Tokenize prompts (left-padded) and process images; returns ``(input_ids, attention_mask, images)``.
 
-        Each entry of ``images`` is ``None``, one image, or a list of images for that prompt.
+        Each entry of ``images`` is ``None``, one image, or a list of images for that prompt. ``images`` comes back
+        as ``(N, 3, H, W)`` pixels (a tiled picture gives its tiles and global view), or, for an anyres model, a
+        list of ``AnyresImage``.
         """
         conversations, per_prompt = self._conversations(images, prompts)
         raw = [im for ims in per_prompt for im in ims]
         if any(isinstance(im, ImageEmbedding) for im in raw):
             raise TypeError("encode() returns pixels; pass ImageEmbedding handles to generate() or stream()")
-        pixels, grids = self._pixels(raw)
-        return *self._tokenize_messages(conversations, grids), pixels
+        pixels, layouts = self._pixels(raw, splits=_splits(per_prompt))
+        return *self._tokenize_messages(conversations, layouts), pixels
 
     @torch.inference_mode()
-    def encode_image(self, image: ImageInput) -> ImageEmbedding:
+    def encode_image(self, image: ImageInput, split: bool = True) -> ImageEmbedding:
         """Run one image through the vision tower and projector, for reuse across prompts.
 
         Args:
             image: a PIL image, a path or a ``(3, H, W)`` tensor.
+            split: anyres models (LLaVA-OneVision) only: the picture will be its prompt's one image, cut into
+                tiles (the default); False for one of several images in a prompt, which the model takes whole.
+                Other models ignore it.
 
         Returns:
-            An ``ImageEmbedding`` to pass to ``generate``/``stream`` in place of the image.
+            An ``ImageEmbedding`` to pass to ``generate``/``stream``/``chat`` in place of the image.
         """
-        embeds, grids = self._encode_images([image])
-        return ImageEmbedding(embeds if self.tiled else embeds[0], grids[0] if self.tiled else None)
+        embeds, layouts = self._encode_images([image], splits=[split])
+        if self.anyres:
+            rows, cols, _ = layouts[0]
+            return ImageEmbedding(embeds, (rows, cols), packed=True)
+        return ImageEmbedding(embeds if self.tiled else embeds[0], layouts[0] if self.tiled else None)
 
     def _conversations(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """``(conversations, per_prompt_images)``: each prompt's template messages, checked, and its images."""
@@ -171,42 +198,62 @@ class Pipeline:
         return conversations, per_prompt
 
     def _tokenize_messages(
-        self, conversations: Sequence[list[dict[str, str]]], grids: Sequence[tuple[int, int]] | None = None
+        self, conversations: Sequence[list[dict[str, str]]], layouts: Sequence[tuple[int, ...]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Template messages (``<image>`` markers in place) -> left-padded ``(input_ids, attention_mask)``, ready
-        for the assistant's turn. ``grids``: each picture's ``(rows, cols)``, in marker order across the
-        conversations, when the processor tiles."""
-        ids, mask = pad_rows(self._token_rows(conversations, grids), self.tokenizer.pad_token_id, side="left")
+        for the assistant's turn. ``layouts``: each picture's layout (``_pixels``), in marker order across the
+        conversations, when the processor tiles or packs."""
+        ids, mask = pad_rows(self._token_rows(conversations, layouts), self.tokenizer.pad_token_id, side="left")
         return ids.to(self.device), mask.to(self.device)
 
     def _token_rows(
-        self, conversations: Sequence[list[dict[str, str]]], grids: Sequence[tuple[int, int]] | None = None
+        self, conversations: Sequence[list[dict[str, str]]], layouts: Sequence[tuple[int, ...]] | None = None
     ) -> list[list[int]]:
         """``_tokenize_messages``' rows before padding: each conversation's token ids."""
-        texts = None if grids is None else iter([image_prompt(r, c, self.model.image_seq_len) for r, c in grids])
+        texts = None if layouts is None else iter(self._image_texts(layouts))
+        # An anyres model has no one placeholder count per image: every marker's text is given.
+        seq_len = 0 if self.anyres else self.model.image_seq_len
         rows = []
         for messages in conversations:
             n = sum(m["content"].count(IMAGE) for m in messages if m["role"] != "assistant")
             rows.append(encode_conversation(
-                self.tokenizer, _images_up_front(self.tokenizer, messages), self.model.image_seq_len,
+                self.tokenizer, messages, seq_len,
                 add_generation_prompt=True, image_texts=None if texts is None else [next(texts) for _ in range(n)],
+                locate_turns=False,  # a prompt to answer: its ids are all that is needed
             )[0])
         return rows
 
-    def _pixels(self, images: Sequence[ImageInput], places: Sequence[str] | None = None):
-        """``(pixels, grids)``: processed images ``(N, 3, H, W)`` (a tiled picture gives its tiles and global view)
-        and each picture's ``(rows, cols)`` when the processor tiles (else None); an image that cannot be read is
-        an error naming its place (a chat message's part) where ``places`` gives them."""
+    def _image_texts(self, layouts: Sequence[tuple[int, ...]]) -> list[str]:
+        """What each picture's ``<image>`` marker becomes, as the HF processor writes it: a tiled picture's tiles
+        with their row/column markers (``image_tiling.image_prompt``), a packed picture's count of placeholders."""
+        if self.anyres:
+            return [IMAGE * tokens for _, _, tokens in layouts]
+        return [image_prompt(rows, cols, self.model.image_seq_len) for rows, cols in layouts]
+
+    def _pixels(
+        self, images: Sequence[ImageInput], places: Sequence[str] | None = None, splits: Sequence[bool] | None = None
+    ):
+        """``(pixels, layouts)``: processed images and each picture's layout, for ``_image_texts`` (None for a
+        processor that neither tiles nor packs).
+
+        Pixels are ``(N, 3, H, W)`` (a tiled picture gives its tiles and global view, layout ``(rows, cols)``), or
+        for an anyres model a list of ``AnyresImage`` (layout ``(rows, cols, tokens)``; ``splits`` says which
+        pictures are their prompt's only one, cut into tiles). An image that cannot be read is an error naming its
+        place (a chat message's part) where ``places`` gives them."""
         if not images:
-            return None, ([] if self.tiled else None)
+            return None, ([] if self.tiled or self.anyres else None)
+        splits = [True] * len(images) if splits is None else splits
         pixels = []
         for k, im in enumerate(images):
             try:
-                pixels.append(self.processor(im))
+                pixels.append(self.processor(im, split=splits[k]) if self.anyres else self.processor(im))
             except (TypeError, ValueError) as e:
                 if places is None:
                     raise
                 raise _located(e, places[k]) from e
+        if self.anyres:
+            pixels = [dataclasses.replace(p, pixels=p.pixels.to(self.device)) for p in pixels]
+            return pixels, [(*p.grid, self.model.num_image_tokens(p)) for p in pixels]
         if self.tiled:
             return torch.cat([p.pixels for p in pixels]).to(self.device), [(p.rows, p.cols) for p in pixels]
         return torch.stack(pixels).to(self.device), None
@@ -214,8 +261,8 @@ class Pipeline:
     def _inputs(self, images: Sequence[ImageSlot], prompts: Sequence[str | None]):
         """``(input_ids, attention_mask, image_embeds)``: images are encoded in one batch, handles reused."""
         conversations, per_prompt = self._conversations(images, prompts)
-        embeds, grids = self._embed([im for ims in per_prompt for im in ims])
-        return *self._tokenize_messages(conversations, grids), embeds
+        embeds, layouts = self._embed([im for ims in per_prompt for im in ims], splits=_splits(per_prompt))
+        return *self._tokenize_messages(conversations, layouts), embeds
 
     def encode_chat(self, conversations: Sequence[Sequence[Mapping[str, Any]]]):
         """Conversations (HF/OpenAI-style messages, see ``chat``) -> ``(input_ids, attention_mask, image_embeds)``:
@@ -224,7 +271,8 @@ class Pipeline:
 
         Raises:
             TypeError, ValueError: as ``mmgpt.messages.parse_messages``, naming the conversation and message; an
-                image that cannot be read (``mmgpt.models.image_processor.BadImageError``), naming its part.
+                image that cannot be read (``mmgpt.models.image_processor.BadImageError``), naming its part; an
+                ``ImageEmbedding`` that does not fit its place.
         """
         parsed, places = [], []
         for k, messages in enumerate(conversations):
@@ -236,13 +284,14 @@ class Pipeline:
                     raise
                 raise _located(e, where) from None
             places += [place if where is None else f"{where}: {place}" for place in image_places(messages)]
-        embeds, grids = self._embed([im for _, ims in parsed for im in ims], places)
-        return *self._tokenize_messages([msgs for msgs, _ in parsed], grids), embeds
+        splits = _splits([ims for _, ims in parsed])
+        embeds, layouts = self._embed([im for _, ims in parsed for im in ims], places, splits)
+        return *self._tokenize_messages([msgs for msgs, _ in parsed], layouts), embeds
 
     def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """The length in tokens, images included, of the prompt ``encode_chat`` gives one conversation, found
-        without encoding its images (a tiling processor still splits each picture, to learn its grid): what a
-        server checks against the context before queueing it.
+        without encoding its images (a tiling or packing processor still processes each picture, to learn its
+        layout): what a server checks against the context before queueing it.
 
         Args:
             messages: one conversation, as ``chat`` takes it.
@@ -251,51 +300,98 @@ class Pipeline:
             TypeError, ValueError: as ``encode_chat``.
         """
         template_messages, images = parse_messages(messages)
-        grids = None
-        if self.tiled:
-            places = image_places(messages)
-            grids = [
-                im.grid if isinstance(im, ImageEmbedding) else self._pixels([im], [places[k]])[1][0]
+        layouts = None
+        if self.tiled or self.anyres:
+            places, split = image_places(messages), len(images) == 1
+            layouts = [
+                self._layout_of(im) if isinstance(im, ImageEmbedding)
+                else self._pixels([im], [places[k]], [split])[1][0]
                 for k, im in enumerate(images)
             ]
-        return len(self._token_rows([template_messages], grids)[0])
+        return len(self._token_rows([template_messages], layouts)[0])
 
-    def _embed(self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None):
-        """``(embeds, grids)``: ``(N, image_seq_len, n_embd)`` for images and handles in order (a tiled picture
-        gives one per tile), raw images encoded in one batch; and each picture's ``(rows, cols)`` when the
-        processor tiles (else None). ``places`` names each image in errors (a chat message's part)."""
-        if not flat:
-            return None, ([] if self.tiled else None)
-        shape = (self.model.image_seq_len, self.model.config.decoder.n_embd)
-        for k, im in enumerate(flat):
-            if isinstance(im, ImageEmbedding) and (
-                tuple(im.tiles.shape[1:]) != shape or (im.grid is not None) != self.tiled
-            ):
+    def _layout_of(self, image: ImageEmbedding) -> tuple[int, ...] | None:
+        """An encoded picture's layout, as ``_pixels`` gives it for the picture itself."""
+        if self.anyres:
+            return (*image.grid, image.embeds.size(0))
+        return image.grid
+
+    def _check_embedding(self, image: ImageEmbedding, split: bool, place: str | None) -> None:
+        """Raise a ValueError (naming ``place``) if ``image`` was not encoded by a model like this one for where it
+        is: its shape, its kind (tiled, packed or plain), and for a packed picture whether it was split."""
+        where = "" if place is None else f"{place}: "
+        n_embd = self.model.config.decoder.n_embd
+        if self.anyres:
+            if not image.packed or image.embeds.size(1) != n_embd:
                 raise ValueError(
-                    ("" if places is None else f"{places[k]}: ")
-                    + f"an ImageEmbedding of shape {tuple(im.embeds.shape)} does not fit this model, which splices "
-                    f"{shape}" + (" per tile" if self.tiled else "") + "; encode the image with this pipeline's "
-                    "encode_image"
+                    f"{where}an ImageEmbedding of shape {tuple(image.embeds.shape)} does not fit this model, which "
+                    f"splices a picture's packed tokens, (tokens, {n_embd}); encode the image with this pipeline's "
+                    f"encode_image"
                 )
+            if image.split != split:
+                raise ValueError(
+                    f"{where}this ImageEmbedding was encoded as "
+                    + ("its prompt's only image (split into tiles), but it is one of several here"
+                       if image.split else "one of several images (taken whole), but it is its prompt's only one here")
+                    + f": encode it with encode_image(image, split={split})"
+                )
+            return
+        shape = (self.model.image_seq_len, n_embd)
+        if image.packed or tuple(image.tiles.shape[1:]) != shape or (image.grid is not None) != self.tiled:
+            raise ValueError(
+                f"{where}an ImageEmbedding of shape {tuple(image.embeds.shape)} does not fit this model, which "
+                f"splices {shape}" + (" per tile" if self.tiled else "") + "; encode the image with this pipeline's "
+                "encode_image"
+            )
+
+    def _embed(
+        self, flat: Sequence[ImageInput | ImageEmbedding], places: Sequence[str] | None = None,
+        splits: Sequence[bool] | None = None,
+    ):
+        """``(embeds, layouts)``: the embeddings of images and handles in order, raw images encoded in one batch,
+        and each picture's layout (``_pixels``; None for a processor that neither tiles nor packs).
+
+        Embeddings are ``(N, image_seq_len, n_embd)`` (a tiled picture gives one per tile), or for an anyres model
+        every picture's packed tokens in a row, ``(total_tokens, n_embd)``. ``places`` names each image in errors
+        (a chat message's part); ``splits`` says which pictures are their prompt's only one (anyres models)."""
+        if not flat:
+            return None, ([] if self.tiled or self.anyres else None)
+        splits = [True] * len(flat) if splits is None else splits
+        for k, im in enumerate(flat):
+            if isinstance(im, ImageEmbedding):
+                self._check_embedding(im, splits[k], None if places is None else places[k])
         raw = [k for k, im in enumerate(flat) if not isinstance(im, ImageEmbedding)]
         raw_places = None if places is None else [places[k] for k in raw]
-        embeds, grids = self._encode_images([flat[k] for k in raw], raw_places)
-        # Split the batch back into pictures (a tiled one is rows * cols + 1 images), then in flat's order.
-        sizes = [r * c + 1 if r else 1 for r, c in grids] if self.tiled else [1] * len(raw)
-        encoded = iter(zip(embeds.split(sizes), grids if self.tiled else [None] * len(raw), strict=True))
-        pictures = [(im.tiles.to(self.device), im.grid) if isinstance(im, ImageEmbedding) else next(encoded)
-                    for im in flat]
-        return torch.cat([e for e, _ in pictures]), ([g for _, g in pictures] if self.tiled else None)
+        embeds, layouts = self._encode_images([flat[k] for k in raw], raw_places, [splits[k] for k in raw])
+        # Split the batch back into pictures (a tiled one is rows * cols + 1 images, a packed one its tokens), then
+        # in flat's order.
+        if self.anyres:
+            sizes = [tokens for _, _, tokens in layouts]
+        else:
+            sizes = [r * c + 1 if r else 1 for r, c in layouts] if self.tiled else [1] * len(raw)
+        encoded = iter(zip(embeds.split(sizes), layouts if layouts is not None else [None] * len(raw), strict=True))
+        pictures = [(im.tiles.to(self.device), self._layout_of(im)) if isinstance(im, ImageEmbedding)
+                    else next(encoded) for im in flat]
+        return torch.cat([e for e, _ in pictures]), ([g for _, g in pictures] if layouts is not None else None)
 
     @torch.inference_mode()
-    def _encode_images(self, images: Sequence[ImageInput], places: Sequence[str] | None = None):
-        """Images -> ``(embeds, grids)``: ``(N, image_seq_len, n_embd)`` embeddings in one batch (``N = 0``: an
-        empty tensor), one per tile for a tiling processor, and the pictures' grids (None without tiling)."""
+    def _encode_images(
+        self, images: Sequence[ImageInput], places: Sequence[str] | None = None, splits: Sequence[bool] | None = None
+    ):
+        """Images -> ``(embeds, layouts)``: embeddings in one batch (``_embed``'s; none: an empty tensor) and the
+        pictures' layouts (``_pixels``)."""
         if not images:
-            empty = torch.empty(0, self.model.image_seq_len, self.model.config.decoder.n_embd, device=self.device)
-            return empty, ([] if self.tiled else None)
-        pixels, grids = self._pixels(images, places)
-        return self.model.encode_images(pixels), grids
+            n_embd = self.model.config.decoder.n_embd
+            shape = (0, n_embd) if self.anyres else (0, self.model.image_seq_len, n_embd)
+            return torch.empty(*shape, device=self.device), ([] if self.tiled or self.anyres else None)
+        pixels, layouts = self._pixels(images, places, splits)
+        # One forward per picture: CPU matmul kernels round differently at different batch sizes, and a picture must
+        # encode to the same bits alone or beside others (the prefix cache matches images by value, and an
+        # encode_image handle must splice what the image itself would).
+        if self.anyres:
+            return torch.cat([self.model.encode_images([p]) for p in pixels]), layouts
+        sizes = [r * c + 1 if r else 1 for r, c in layouts] if self.tiled else [1] * len(images)
+        return torch.cat([self.model.encode_images(p) for p in pixels.split(sizes)]), layouts
 
     def _generation_config(
         self, generation_config: GenerationConfig | None, max_new_tokens: int | None, kwargs: dict[str, Any]
@@ -411,7 +507,9 @@ class Pipeline:
         is a string or a list of parts, ``{"type": "text", "text": str}`` and ``{"type": "image", "image": PIL
         image | path | (3, H, W) tensor | ImageEmbedding}``. Images may sit in any user or system turn, several per
         turn; the model's chat template places them (mmgpt's own puts every image first, where it was trained to
-        find them).
+        find them), and each becomes what the model's HF processor makes of it (Idefics3/SmolVLM: its own tiles and
+        row/column markers; LLaVA-OneVision: a conversation's only picture is cut into tiles, each of several is
+        taken whole).
 
         A conversation continued turn by turn (send it back with the reply and the next user message) reuses the
         KV cache of the earlier turns, as litgpt's chat does: a call for one conversation keeps the keys and
@@ -423,7 +521,8 @@ class Pipeline:
         all the text after it, and that turn reuses only bos and the earlier images (correct, just slower); HF
         templates that keep images in their turns reuse everything before the new one. No reuse for batches of
         several conversations, beam search, ``use_cache=False``, ``decoder.attention="prefix"`` (a longer prompt
-        changes the earlier keys there) or an HF cache with sliding-window layers: those prefill in full.
+        changes the earlier keys there), an HF cache with sliding-window layers, or an anyres model
+        (LLaVA-OneVision, whose pictures are not runs of ``image_seq_len``): those prefill in full.
 
         Args:
             messages: one conversation (a list of message dicts) or a list of conversations; each ends with a
@@ -456,7 +555,8 @@ class Pipeline:
                 f"Pipeline.prefix_cache must be a mmgpt.generation.PrefixCache or None, got "
                 f"{type(self.prefix_cache).__name__}"
             )
-        return self.prefix_cache if reuse_cache else None
+        # A PrefixCache matches images as runs of image_seq_len placeholders, which a packed picture is not.
+        return self.prefix_cache if reuse_cache and not self.anyres else None
 
     def chat_stream(
         self,
@@ -536,30 +636,10 @@ class Pipeline:
             yield piece
 
 
-def _images_up_front(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages with every image marker moved into the first message, when the chat template renders that
-    alike; otherwise as they are.
-
-    ``encode_conversation`` locates each assistant turn by rendering the conversation up to it, which needs a
-    template that renders a conversation as it renders its beginning. mmgpt's own template puts every image
-    first, so an image sent after an assistant turn moves the earlier turns and that check fails; with the markers
-    already in the first message the text is the same and the check holds. Templates that keep images in their
-    turns (ChatML and others) render the moved markers differently, and their conversations go as they are.
-    """
-    asks = [i for i, m in enumerate(messages) if m["role"] != "assistant"]  # where images may be
-    first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    if not any(IMAGE in messages[i]["content"] for i in asks if i > first_reply):
-        return messages
-    count = sum(messages[i]["content"].count(IMAGE) for i in asks)
-    moved = [{**m, "content": m["content"].replace(IMAGE, "")} if i in asks else m for i, m in enumerate(messages)]
-    moved[asks[0]] = {**moved[asks[0]], "content": IMAGE * count + moved[asks[0]]["content"]}
-
-    def render(msgs: list[dict[str, str]]) -> str:
-        if reads_content_parts(tokenizer):  # such a template drops string content: compare what it renders
-            msgs = [{**m, "content": content_parts(m["content"])} for m in msgs]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-    return moved if render(moved) == render(messages) else messages
+def _splits(per_prompt: Sequence[Sequence[Any]]) -> list[bool]:
+    """For each image of each prompt, in order: whether it is its prompt's only image. LLaVA-OneVision's processor
+    cuts such a picture into tiles and takes each of several whole; other models ignore it."""
+    return [len(images) == 1 for images in per_prompt for _ in images]
 
 
 def _is_conversation(messages: Any) -> bool:

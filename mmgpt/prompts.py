@@ -131,7 +131,7 @@ def reads_content_parts(tokenizer) -> bool:
 
 def encode_conversation(
     tokenizer, messages: list[dict[str, str]], image_seq_len: int, add_generation_prompt: bool = False,
-    image_texts: Sequence[str] | None = None,
+    image_texts: Sequence[str] | None = None, locate_turns: bool = True,
 ) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
     """Render messages with the tokenizer's chat template and tokenize them, marking what the model must learn.
 
@@ -155,6 +155,11 @@ def encode_conversation(
             ``mmgpt.models.image_tiling.image_prompt``); None: ``image_seq_len`` placeholders each. The markers
             are replaced in the rendered text, as HF processors do, so a template that reads content as parts
             (``reads_content_parts``) sees an image part where each marker is.
+        locate_turns: find the assistant turns (training's labels). False for a prompt to generate from, which
+            needs only the ids: then a template that renders an assistant turn unlike its generation prompt (one
+            that writes ``<|im_start|>assistant `` before a turn's text but ``<|im_start|>assistant\n`` as the
+            generation prompt) still renders a multi-turn conversation, exactly as HF's ``apply_chat_template``
+            does; no turn is marked.
 
     Returns:
         ``(ids, supervised, turns)``: token ids, a per-token flag for assistant tokens, and each assistant
@@ -170,7 +175,7 @@ def encode_conversation(
         check_text(m.get("content"), f"messages[{i}] ({m['role']}) content")
     key = (
         tuple(tuple(m.items()) for m in messages), image_seq_len, add_generation_prompt,
-        None if image_texts is None else tuple(image_texts),
+        None if image_texts is None else tuple(image_texts), locate_turns,
     )
     ids, supervised, turns = _encode_cached(tokenizer, *key)
     return list(ids), list(supervised), list(turns)
@@ -182,7 +187,7 @@ def encode_conversation(
 @functools.lru_cache(maxsize=16384)
 def _encode_cached(
     tokenizer, messages: tuple[tuple[tuple[str, str], ...], ...], image_seq_len: int, add_generation_prompt: bool,
-    image_texts: tuple[str, ...] | None = None,
+    image_texts: tuple[str, ...] | None = None, locate_turns: bool = True,
 ) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[tuple[int, int], ...]]:
     expanded = [dict(m) for m in messages]
     # Special-token strings in the content stand in as same-length runs of private-use characters while the
@@ -213,7 +218,7 @@ def _encode_cached(
         raise ValueError(f"the conversation's {IMAGE} markers do not match its {len(image_texts)} images")
     char_spans = []  # [start, end) characters of each assistant turn in `text`
     for i, m in enumerate(expanded):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or not locate_turns:
             continue
         before = render(expanded[:i], True)
         # The last turn, without a generation prompt after it, ends the text already rendered: no third render.

@@ -19,7 +19,8 @@ import torch
 from conftest import ROOT
 
 import mmgpt
-from mmgpt.checkpoint import check_finite, local_path, nonfinite_tensors, save_exported
+from mmgpt.checkpoint import local_path, save_exported
+from mmgpt.finite_weights import check_finite, nonfinite_tensors
 from mmgpt.pipeline import Pipeline
 from mmgpt.train.module import MMGPTModule
 

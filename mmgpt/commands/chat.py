@@ -53,7 +53,8 @@ class ChatSession:
         self.pipeline, self.generation, self.system = pipeline, generation, system
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.messages: list[dict[str, Any]] = []
-        self.images: list[tuple[str, Any]] = []  # (path, ImageEmbedding) for the next message
+        # (path, ImageEmbedding) for the next message; (path, path) for an anyres model (attach says why)
+        self.images: list[tuple[str, Any]] = []
 
     def attach(self, path: str) -> None:
         """Read and encode an image for the next message (once: every later turn reuses its embedding).
@@ -61,6 +62,13 @@ class ChatSession:
         Raises:
             OSError, ValueError, TypeError: the file cannot be read as an image; the message names it.
         """
+        if getattr(self.pipeline, "anyres", False):
+            # A LLaVA-OneVision picture is encoded one way as its conversation's only image (cut into tiles) and
+            # another as one of several (taken whole), which a later turn may change: keep the file, and let every
+            # turn encode it as its place needs. Read once now, so that a bad file is named when attached.
+            self.pipeline.processor(path)
+            self.images.append((path, path))
+            return
         self.images.append((path, self.pipeline.encode_image(path)))
 
     def reset(self) -> None:

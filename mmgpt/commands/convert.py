@@ -1,6 +1,8 @@
 """Convert other formats to and from mmgpt's: ``mmgpt convert FORMAT ...``, one converter per format.
 
     mmgpt convert llava import llava_dir my_model      # HF LLaVA directory <-> mmgpt model
+    mmgpt convert smolvlm export last.ckpt smolvlm_out  # a (fine-tuned) model -> HF SmolVLM directory
+    mmgpt convert paligemma export last.ckpt pg_out     # a (fine-tuned) model -> HF PaliGemma directory
     mmgpt convert gguf                                  # SmolLM2-135M-Instruct GGUF -> a verified HF directory
     mmgpt convert efficientnet-lite0                    # EfficientNet-Lite0 ImageNet weights -> a timm checkpoint
 
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mmgpt
+from mmgpt.commands.arguments import argument_errors
 
 # The conversions themselves live in mmgpt.convert; this module parses their arguments, and imports each converter
 # (torch, timm, transformers) only when it runs.
@@ -96,6 +99,79 @@ def llava(argv: Sequence[str] | None = None, prog: str = "mmgpt convert llava") 
     else:
         export_llava_command(args.model, args.out)
         print(f"exported {args.model} to {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# smolvlm, idefics3, paligemma
+
+HF_VLM_DOC = """Convert between a HF transformers {title} directory ({cls}) and an mmgpt model.
+
+    mmgpt convert {name} export runs/x/checkpoints/last.ckpt out_dir   # a .ckpt or an mmgpt directory -> HF
+    mmgpt convert {name} import hf_dir my_model                        # -> config.yaml, model.safetensors, tokenizer
+
+export writes config.json, model.safetensors, the tokenizer and the processor, for {cls}.from_pretrained (or
+AutoModelForImageTextToText) and AutoProcessor; a run trained with LoRA is exported with its adapters merged. The
+model must have the architecture an import of this family gives (a fine-tune started with model.init_from=HF_DIR
+has it); what does not fit is named. mmgpt.load and model.init_from read a HF directory as it is, so import is only
+needed for an mmgpt directory. Only local files are read (safetensors, never pickles); nothing is downloaded.
+"""
+
+# name -> (title, HF class, the export function's module and name, keyword arguments it takes).
+HF_VLMS: dict[str, tuple[str, str, str, dict]] = {
+    "smolvlm": ("SmolVLM", "SmolVLMForConditionalGeneration", "idefics3", {"model_type": "smolvlm"}),
+    "idefics3": ("Idefics3", "Idefics3ForConditionalGeneration", "idefics3", {"model_type": "idefics3"}),
+    "paligemma": ("PaliGemma", "PaliGemmaForConditionalGeneration", "paligemma", {}),
+}
+
+
+def export_hf_vlm_command(name: str, model: str, out: str) -> None:
+    """Write the mmgpt model ``model`` (a directory or a ``.ckpt``; LoRA merged) as a HF directory of family
+    ``name`` (a key of ``HF_VLMS``).
+
+    Raises:
+        ValueError: the model does not fit the family's architecture (naming every part), or it cannot be read.
+        FileNotFoundError: there is no model at ``model``.
+    """
+    import importlib
+
+    _, _, module, kwargs = HF_VLMS[name]
+    export = getattr(importlib.import_module(f"mmgpt.convert.{module}"), f"export_{module}")
+    pipeline = mmgpt.load(model)
+    export(pipeline.model, pipeline.tokenizer, out, **kwargs)
+
+
+def import_hf_vlm_command(hf_dir: str, out: str) -> None:
+    """Write the HF directory ``hf_dir`` as an mmgpt model directory ``out``, with its tokenizer."""
+    mmgpt.load(hf_dir).save_pretrained(out)
+
+
+def _hf_vlm_converter(name: str) -> Callable[..., None]:
+    title, cls, _, _ = HF_VLMS[name]
+
+    def convert(argv: Sequence[str] | None = None, prog: str = f"mmgpt convert {name}") -> None:
+        parser = argparse.ArgumentParser(
+            prog=prog, description=HF_VLM_DOC.format(name=name, title=title, cls=cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub = parser.add_subparsers(dest="command", required=True)
+        exp = sub.add_parser("export", help=f"mmgpt directory or .ckpt -> HF {title} directory")
+        exp.add_argument("model", help="a Lightning .ckpt of `mmgpt fit` or an exported mmgpt directory")
+        exp.add_argument("out", help=f"output directory ({cls}.from_pretrained reads it)")
+        imp = sub.add_parser("import", help=f"HF {title} directory -> mmgpt directory")
+        imp.add_argument("hf_dir", help=f"directory written by {cls}.save_pretrained")
+        imp.add_argument("out", help="output directory (mmgpt.load reads it)")
+        args = parser.parse_args(argv)
+        # Reading raises FileNotFoundError or ValueError (a model of another architecture included): the input's.
+        # Writing raises other OSErrors: the output's.
+        source = "model" if args.command == "export" else "hf_dir"
+        with argument_errors(parser, "out", (OSError,)), argument_errors(parser, source):
+            if args.command == "export":
+                export_hf_vlm_command(name, args.model, args.out)
+            else:
+                import_hf_vlm_command(args.hf_dir, args.out)
+        print(f"{args.command}ed {getattr(args, source)} to {args.out}")
+
+    return convert
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,6 +289,9 @@ def efficientnet_lite0(argv: Sequence[str] | None = None, prog: str = "mmgpt con
 # FORMAT -> (its converter, one line of help).
 CONVERTERS: dict[str, tuple[Callable[..., None], str]] = {
     "llava": (llava, "HF LLaVA directory <-> mmgpt model (import | export)"),
+    "smolvlm": (_hf_vlm_converter("smolvlm"), "HF SmolVLM directory <-> mmgpt model (export | import)"),
+    "idefics3": (_hf_vlm_converter("idefics3"), "HF Idefics3 directory <-> mmgpt model (export | import)"),
+    "paligemma": (_hf_vlm_converter("paligemma"), "HF PaliGemma directory <-> mmgpt model (export | import)"),
     "gguf": (gguf, "GGUF checkpoint (default: SmolLM2) -> a verified HF directory"),
     "efficientnet-lite0": (efficientnet_lite0, "EfficientNet-Lite0 weights (pip package) -> timm checkpoint"),
 }

@@ -5,6 +5,8 @@
 Only a local file is read, with ``torch.load(weights_only=True)`` (a checkpoint cannot run code), and a model whose
 weights hold NaN or inf (a diverged run) is refused rather than exported. ``mmgpt.load(OUT)`` reads the result.
 A run trained with LoRA exports merged, or with ``--adapter-only`` as its adapter alone, in peft's format.
+A fine-tune of a SmolVLM/Idefics3 or PaliGemma directory goes back to that HF format with
+``mmgpt convert smolvlm|idefics3|paligemma export CKPT OUT`` (LLaVA: ``mmgpt convert llava export``).
 """
 
 from __future__ import annotations

@@ -24,11 +24,18 @@ Details that decide whether the numbers match:
 - Tiles are always full (the processor pads none), so HF's ``pixel_attention_mask`` masks nothing and the timm
   tower, which has no mask, computes the same.
 
+Export (``export_idefics3``) is the same renaming backwards: a model of this architecture, fine-tuned or not, is
+written as a directory that ``SmolVLMForConditionalGeneration`` (or ``Idefics3ForConditionalGeneration``) loads with
+the same logits, with the tokenizer and an ``Idefics3Processor`` that tiles pictures as ``model.processor`` does.
+Where position bucketing makes two patches read one row of HF's table, the timm rows must still be equal (they
+are unless the tower was trained); HF's rows that no patch of a full tile reads are written as zeros.
+
 Only safetensors are read: a ``.bin`` checkpoint is a pickle that can run code. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mmgpt.config import MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.convert.hf_causal_lm import names_model
@@ -43,10 +51,19 @@ from mmgpt.convert.hf_llama import (
     check_hf_llama_config,
     from_hf_llama_config,
     from_hf_llama_state_dict,
+    to_hf_llama_config,
     to_hf_llama_state_dict,
 )
 from mmgpt.convert.llava import _read_safetensors
-from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, SIGLIP_LAYOUT, timm_mlp_ratio, vit_from_hf
+from mmgpt.convert.vit_weights import (
+    HF_ACT_TO_TIMM,
+    SIGLIP_LAYOUT,
+    timm_act_to_hf,
+    timm_mlp_ratio,
+    vit_from_hf,
+    vit_to_hf,
+)
+from mmgpt.finite_weights import check_finite
 from mmgpt.models.image_tiling import TilingImageProcessor
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.tokenizer import load_vlm_tokenizer
@@ -374,7 +391,168 @@ def load_idefics3_tokenizer(hf_dir: str | Path, image_token_id: int | None = Non
     return load_vlm_tokenizer(hf_dir, image_token_id, chat_template=_saved_chat_template(Path(hf_dir)))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _export_problems(model: MMGPT) -> list[str]:
+    """What in ``model`` an Idefics3/SmolVLM model cannot express (empty: it can)."""
+    vision, projector, decoder = model.config.vision, model.config.projector, model.config.decoder
+    problems = []
+    if vision.name != TIMM_SIGLIP:
+        problems.append(f"vision.name={vision.name!r} (expected {TIMM_SIGLIP!r}, the SigLIP tower)")
+    if vision.feature_layer != -1 or not vision.final_norm:
+        problems.append(
+            f"vision.feature_layer={vision.feature_layer}, final_norm={vision.final_norm} (expected -1 and true: the "
+            f"connector reads the last block through the post-LayerNorm)"
+        )
+    if vision.tiling is None:
+        problems.append("vision.tiling is not set (the HF processor splits pictures into tiles: expected its fields)")
+    if projector.mlp_depth != 1 or projector.bias or projector.input_norm or projector.pos_embed or projector.whiten:
+        problems.append(
+            "projector: expected one Linear without bias and nothing else (mlp_depth=1, bias, input_norm, pos_embed "
+            f"and whiten false), got mlp_depth={projector.mlp_depth}, bias={projector.bias}, input_norm="
+            f"{projector.input_norm}, pos_embed={projector.pos_embed}, whiten={projector.whiten}"
+        )
+    if decoder.backend != "native" or decoder.attention != "causal":
+        problems.append(
+            f"decoder.backend={decoder.backend!r}, attention={decoder.attention!r} (expected 'native' and 'causal': "
+            f"a Llama text model)"
+        )
+    if not problems and timm_act_to_hf(model.vision.model.blocks[0].mlp.act) is None:
+        problems.append(f"the vision MLP's activation {model.vision.model.blocks[0].mlp.act} has no HF name")
+    return problems
+
+
+def idefics3_config_from_mmgpt(model: MMGPT, model_type: str = "smolvlm", tokenizer=None):
+    """The ``transformers.SmolVLMConfig`` (or ``Idefics3Config``) of an mmgpt model of this architecture.
+
+    Args:
+        model: an ``MMGPT`` as ``import_idefics3`` builds it (fine-tuned or not).
+        model_type: ``"smolvlm"`` or ``"idefics3"``: which HF class the directory is for (the same computation).
+        tokenizer: its tokenizer, whose pad/bos/eos ids go into the text config (HF's ``generate`` reads them).
+
+    Raises:
+        ValueError: naming every part of the model that the architecture cannot express.
+    """
+    from transformers import Idefics3Config, SmolVLMConfig
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; expected one of {list(MODEL_TYPES)}")
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError(f"this model does not fit {model_type}'s architecture: " + "; ".join(problems))
+    vit, decoder = model.vision.model, model.config.decoder
+    block = vit.blocks[0]
+    vision_config = dict(
+        hidden_size=vit.embed_dim, intermediate_size=block.mlp.fc1.out_features, num_hidden_layers=len(vit.blocks),
+        num_attention_heads=block.attn.num_heads, num_channels=3, image_size=model.config.vision.img_size,
+        patch_size=vit.patch_embed.patch_size[0], hidden_act=timm_act_to_hf(block.mlp.act),
+        layer_norm_eps=TIMM_SIGLIP_LN_EPS,
+    )
+    token_ids = {}
+    if tokenizer is not None:
+        token_ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    text_config = to_hf_llama_config(decoder, **token_ids).to_dict()
+    config_cls = SmolVLMConfig if model_type == "smolvlm" else Idefics3Config
+    config = config_cls(
+        vision_config=vision_config, text_config=text_config, scale_factor=model.config.projector.pixel_shuffle,
+        image_token_id=model.config.image_token_id, tie_word_embeddings=decoder.tie_embeddings,
+        pad_token_id=token_ids.get("pad_token_id"),
+    )
+    config.dtype = model.decoder.wte.weight.dtype  # from_pretrained(dtype="auto") then loads what was saved
+    return config
+
+
+def idefics3_hf_state_dict(model: MMGPT) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` under the checkpoint keys of ``SmolVLMForConditionalGeneration`` (and
+    ``Idefics3ForConditionalGeneration``): ``model.{vision_model,connector,text_model}.*`` and an untied ``lm_head``.
+
+    Raises:
+        ValueError: the model does not fit the architecture, or two patches that read one row of HF's position
+            table have different timm position embeddings (a trained tower on a grid HF buckets unevenly).
+    """
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError("this model does not fit Idefics3/SmolVLM's architecture: " + "; ".join(problems))
+    sd = model.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+    vision, left = vit_to_hf(part("vision.model."), len(model.vision.model.blocks))
+    if left:
+        raise ValueError(f"the vision tower has tensors SigLIP has no place for: {sorted(left)}")
+    # Patch i reads HF's row position_ids[i] (import took the timm table through the same buckets): scatter back.
+    grid = model.config.vision.img_size // model.config.vision.patch_size
+    ids = vision_position_ids(grid)  # (grid * grid,)
+    timm_rows = vision["embeddings.position_embedding.weight"]  # (grid * grid, D), one per patch
+    table = torch.zeros_like(timm_rows)
+    table[ids] = timm_rows
+    if not torch.equal(table[ids], timm_rows):
+        raise ValueError(
+            f"the vision tower's position embeddings differ for patches that read one row of HF's table (a "
+            f"{grid}x{grid} grid, bucketed as HF buckets it): HF cannot express them; train with the tower frozen"
+        )
+    vision["embeddings.position_embedding.weight"] = table
+    out = {"model.vision_model." + k: v for k, v in vision.items()}
+    out["model.connector.modality_projection.proj.weight"] = sd["projector.mlp.0.weight"]
+    for k, v in to_hf_llama_state_dict(part("decoder."), model.config.decoder).items():
+        # model.* -> model.text_model.*; an untied lm_head.weight stays where it is.
+        out["model.text_model." + k[len("model."):] if k.startswith("model.") else k] = v
+    # Cloned: the q/k/v (and gate/up) pieces are views into one fused tensor, which safetensors refuses to save.
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def export_idefics3(model: MMGPT, tokenizer, out_dir: str | Path, model_type: str = "smolvlm") -> None:
+    """Write ``model`` as a HF directory that ``SmolVLMForConditionalGeneration.from_pretrained`` (or
+    ``Idefics3ForConditionalGeneration``, ``AutoModelForImageTextToText``) loads with the same logits.
+
+    The directory holds ``config.json``, ``model.safetensors``, the tokenizer (with its chat template) and an
+    ``Idefics3Processor`` whose image processor tiles as ``model.processor`` does and writes ``image_seq_len``
+    ``<image>`` tokens per tile. ``import_idefics3`` reads it back. (SmolVLM's own processor class needs the
+    ``num2words`` package; it is written instead when that is installed, and writes the same text for images.)
+
+    Args:
+        model: an ``MMGPT`` of the Idefics3/SmolVLM architecture (``import_idefics3``'s, possibly fine-tuned, with
+            LoRA adapters merged).
+        tokenizer: its tokenizer (``load_idefics3_tokenizer``'s, or the one a training checkpoint carries).
+        out_dir: the directory to write (created if missing).
+        model_type: ``"smolvlm"`` or ``"idefics3"``.
+
+    Raises:
+        ValueError: naming every part of the model the architecture cannot express.
+    """
+
+    config = idefics3_config_from_mmgpt(model, model_type, tokenizer)
+    tensors = idefics3_hf_state_dict(model)
+    check_finite(tensors, f"cannot export to {out_dir}")
+    processor = _hf_processor(model, copy.deepcopy(tokenizer), model_type)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(str(out_dir))  # the tokenizer's files too
+
+
+def _hf_processor(model: MMGPT, tokenizer, model_type: str):
+    """The HF processor that prepares pictures and prompts as mmgpt does for ``model``."""
+    from transformers import Idefics3ImageProcessor, Idefics3ImageProcessorPil, Idefics3Processor
+
+    tiling = model.processor
+    fields = {k: v for k, v in tiling.to_hf().items() if k != "image_processor_type"}
+    image_cls = Idefics3ImageProcessorPil if tiling.backend == "pil" else Idefics3ImageProcessor
+    kwargs = dict(image_processor=image_cls(**fields), tokenizer=tokenizer, image_seq_len=model.image_seq_len,
+                  chat_template=tokenizer.chat_template)
+    if model_type == "smolvlm":
+        from transformers.utils import is_num2words_available
+
+        if is_num2words_available():
+            from transformers import SmolVLMProcessor, SmolVLMVideoProcessor
+
+            return SmolVLMProcessor(video_processor=SmolVLMVideoProcessor(), **kwargs)
+    return Idefics3Processor(**kwargs)
+
+
 __all__ = [
     "import_idefics3", "load_idefics3_tokenizer", "mmgpt_config_from_idefics3", "read_idefics3_config",
-    "idefics3_state_dict", "vision_position_ids", "is_idefics3_dir", "ARCHITECTURES", "MODEL_TYPES",
+    "idefics3_state_dict", "vision_position_ids", "is_idefics3_dir", "export_idefics3", "idefics3_config_from_mmgpt",
+    "idefics3_hf_state_dict", "ARCHITECTURES", "MODEL_TYPES",
 ]

@@ -6,15 +6,19 @@ tensors plus one new part:
     SigLIP vision tower   -> timm ``vit_base_patch16_siglip_gap_224`` with its sizes overridden, the blocks up to
                              ``vision_feature_layer`` and no post-LayerNorm (HF reads ``hidden_states[layer]``)
     multi_modal_projector -> ``Projector``: LLaVA's Linear-GELU-Linear, hidden width = LM width (``input_norm=False``)
-    image_newline         -> ``AnyresPacker``: unpadding, pooling and a newline per row, after the projector
+    image_newline         -> ``model.packer`` (``vision.anyres``): unpadding, pooling and a newline per row, after
+                             the projector
     Qwen2 text model      -> transformers' own ``Qwen2ForCausalLM`` as the decoder (``decoder.backend="hf"``)
 
 A picture is ``1 + rows * cols`` tiles (``model.processor``: an ``AnyresImageProcessor``), each through tower and
 projector on its own, then packed into ``model.num_image_tokens(image)`` tokens, a count that depends on the
-picture's size. ``AnyresMMGPT`` is ``MMGPT`` with that packer: ``encode_images`` returns every picture's tokens in
-a row, ``(total_tokens, n_embd)``, and its ``embed`` splices them into the ``<image>`` placeholders in order, so the
-generation engine takes them as ``image_embeds``. The prompt holds each picture's count of placeholders
-(``anyres.repeat_image_markers``), as ``LlavaOnevisionProcessor`` writes it.
+picture's size. The model is a plain ``MMGPT`` with ``vision.anyres`` set: ``encode_images`` returns every
+picture's tokens in a row, ``(total_tokens, n_embd)``, and ``embed`` splices them into the ``<image>`` placeholders
+in order, so the generation engine takes them as ``image_embeds``, and ``save_exported`` / ``load_exported`` write
+and read it as any mmgpt model. The prompt holds each picture's count of placeholders
+(``anyres.repeat_image_markers``), as ``LlavaOnevisionProcessor`` writes it; ``mmgpt.load(hf_dir)`` renders it
+with the processor's chat template. Several pictures in one prompt are each taken whole (not split into tiles), as
+HF's processor takes them.
 
 Details that decide whether the numbers match:
 
@@ -39,18 +43,17 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
+from mmgpt.config import AnyresConfig, DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.convert.hf_causal_lm import names_model
 from mmgpt.convert.idefics3 import TIMM_SIGLIP, TIMM_SIGLIP_LN_EPS, _saved_chat_template, _saved_processor
 from mmgpt.convert.llava import _feature_layer_from_hf, _read_safetensors
 from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, ViTLayout, timm_mlp_ratio, vit_from_hf
-from mmgpt.models.anyres import AnyresImage, AnyresImageProcessor, AnyresLayout, AnyresPacker
+from mmgpt.models.anyres import AnyresImageProcessor
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.tokenizer import load_vlm_tokenizer
 
@@ -81,115 +84,6 @@ _UNUSED_LANGUAGE = re.compile(r"^.*rotary_emb\.inv_freq$")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The model
-
-
-class AnyresMMGPT(MMGPT):
-    """``MMGPT`` whose pictures take a number of tokens that depends on their size (``mmgpt.models.anyres``).
-
-    A picture is an ``AnyresImage`` (``model.processor(picture)``); its tiles go through ``vision`` and
-    ``projector`` as ``MMGPT``'s images do, and ``packer`` makes its ``num_image_tokens(image)`` tokens. Images are
-    passed as a list of ``AnyresImage`` (``images=``) or as the flat ``(total_tokens, n_embd)`` tensor
-    ``encode_images`` returns (``image_embeds=``); the generation engine hands either to ``embed`` as it is.
-    ``image_seq_len`` has no single value here, and raises: that also keeps a ``PrefixCache`` (which cuts a prompt
-    into runs of ``image_seq_len``) away from these models.
-    """
-
-    def __init__(self, config: MMGPTConfig, anyres: dict[str, Any]) -> None:
-        super().__init__(config)
-        # The anyres settings: AnyresImageProcessor's fields but tile_size (vision.img_size), and max_tiles.
-        self.anyres = dict(anyres)
-        fields = dict(anyres)
-        max_tiles = fields.pop("max_tiles", 9)
-        grid = self.vision.grid_size
-        if grid[0] != grid[1] or config.projector.pixel_shuffle != 1:
-            raise ValueError(
-                f"anyres images need a square token grid per tile without pixel shuffle; got {grid[0]}x{grid[1]} "
-                f"patches and projector.pixel_shuffle={config.projector.pixel_shuffle}"
-            )
-        self.anyres_processor = AnyresImageProcessor(tile_size=config.vision.img_size, **fields)
-        layout = AnyresLayout(config.vision.img_size, grid[0], self.anyres_processor.grid_pinpoints, max_tiles)
-        self.packer = AnyresPacker(config.decoder.n_embd, layout)
-
-    @property
-    def processor(self) -> AnyresImageProcessor:
-        return self.anyres_processor
-
-    @property
-    def image_seq_len(self) -> int:
-        raise ValueError(
-            "an anyres model's pictures take a number of <image> tokens that depends on their size: use "
-            "model.num_image_tokens(image)"
-        )
-
-    def num_image_tokens(self, image: AnyresImage) -> int:
-        """The ``<image>`` placeholders ``image`` takes in a prompt (the length of its packed tokens)."""
-        return self.packer.layout.num_tokens(*image.size, split=image.split)
-
-    def encode_images(self, images: Sequence[AnyresImage]) -> torch.Tensor:
-        """Pictures -> their packed tokens one after the other, ``(total_tokens, n_embd)``, ready to splice.
-
-        Every tile of every picture goes through the tower and the projector in one batch.
-        """
-        pixels = torch.cat([image.pixels for image in images])  # (sum K, 3, S, S)
-        tiles = self.projector(self.vision(pixels))  # (sum K, g*g, n_embd)
-        counts = [image.pixels.size(0) for image in images]
-        return torch.cat([self.packer(t, image.size) for image, t in zip(images, tiles.split(counts), strict=True)])
-
-    def embed(
-        self, input_ids: torch.Tensor, images: Sequence[AnyresImage] | None = None,
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with the ``<image>`` placeholders replaced, in order, by the pictures' packed tokens.
-
-        Args:
-            input_ids: ``(B, T)``.
-            images: the pictures, in the order their placeholders appear in the batch.
-            image_embeds: ``(total_tokens, n_embd)`` from ``encode_images``, instead of ``images``.
-
-        Returns:
-            ``(B, T, n_embd)``.
-        """
-        x = self.decoder.wte(input_ids)  # (B, T, C)
-        if image_embeds is None and images is not None:
-            image_embeds = self.encode_images(images)
-        if image_embeds is not None and image_embeds.dim() != 2:
-            raise ValueError(
-                f"image_embeds of an anyres model are every picture's tokens in a row, (total_tokens, n_embd); got "
-                f"{tuple(image_embeds.shape)}"
-            )
-        n_tokens = 0 if image_embeds is None else image_embeds.size(0)
-        if not torch.compiler.is_compiling():
-            self.check_image_tokens(input_ids, n_tokens)
-        if n_tokens:
-            # MMGPT's splice: the k-th placeholder of the batch (row-major) takes the k-th token.
-            B, T, C = x.shape
-            is_image = input_ids == self.config.image_token_id  # (B, T)
-            order = is_image.flatten().cumsum(0).sub(1).clamp(min=0)  # (B*T,)
-            spliced = image_embeds.to(x.dtype)[order].view(B, T, C)
-            x = torch.where(is_image[..., None], spliced, x)
-        return x
-
-    def check_inputs(
-        self, input_ids: torch.Tensor, images: Sequence[AnyresImage] | None, position_ids: torch.Tensor | None = None
-    ) -> None:
-        """As ``MMGPT.check_inputs``, with pictures of their own token counts."""
-        self.check_image_tokens(input_ids, sum(self.num_image_tokens(im) for im in images or ()))
-        if hasattr(self.decoder, "check_positions"):  # the native decoder's RoPE table ends at block_size
-            T = input_ids.size(1)
-            self.decoder.check_positions(position_ids if position_ids is not None else torch.arange(T))
-
-    def check_image_tokens(self, input_ids: torch.Tensor, n_tokens: int) -> None:
-        """Raise if ``input_ids`` does not hold exactly ``n_tokens`` placeholders (the pictures' tokens in all)."""
-        found = int((input_ids == self.config.image_token_id).sum())
-        if found != n_tokens:
-            raise ValueError(
-                f"the input has {found} <image> tokens but the pictures make {n_tokens}; write each picture's "
-                f"model.num_image_tokens(image) placeholders (anyres.repeat_image_markers)"
-            )
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Configs
 
 
@@ -214,8 +108,8 @@ def max_tiles_from_hf(vision_aspect_ratio: Any) -> int:
 def mmgpt_config_from_llava_onevision(
     hf_config, image_processor: dict[str, Any] | None = None, processor: dict[str, Any] | None = None,
     backend: str | None = None,
-) -> tuple[MMGPTConfig, dict[str, Any]]:
-    """The ``MMGPTConfig`` and anyres settings of a LLaVA-OneVision model, or a ``ValueError`` naming every field
+) -> MMGPTConfig:
+    """The ``MMGPTConfig`` of a LLaVA-OneVision model (``vision.anyres`` set), or a ``ValueError`` naming every field
     that does not fit.
 
     Args:
@@ -227,8 +121,8 @@ def mmgpt_config_from_llava_onevision(
         backend: whose resize the processor equals, ``"torchvision"`` or ``"pil"`` (``AnyresImageProcessor``).
 
     Returns:
-        ``(config, anyres)``: ``AnyresMMGPT(config, anyres)`` computes the same logits once
-        ``import_llava_onevision`` has copied the weights, and its ``processor`` makes HF's pixels.
+        A config whose ``MMGPT`` computes the same logits once ``import_llava_onevision`` has copied the weights, and
+        whose ``model.processor`` makes HF's pixels.
     """
     vc, tc = hf_config.vision_config, hf_config.text_config
     problems: list[str] = []
@@ -340,6 +234,12 @@ def mmgpt_config_from_llava_onevision(
         ),
         feature_layer=feature_layer,
         final_norm=False,  # a hidden state, before post_layernorm
+        anyres=AnyresConfig(
+            **{k: v for k, v in anyres_processor.to_dict().items() if k not in ("tile_size", "backend")},
+            max_tiles=max_tiles,
+            # The backend only as asked for: None follows whatever environment the model is loaded in.
+            backend=backend,
+        ),
     )
     text = tc.to_dict()
     # The top-level flag decides (transformers ties lm_head to the text embeddings by it alone).
@@ -350,7 +250,7 @@ def mmgpt_config_from_llava_onevision(
     decoder = DecoderConfig(
         vocab_size=tc.vocab_size, backend="hf", hf_config=text, tie_embeddings=bool(hf_config.tie_word_embeddings)
     )
-    config = MMGPTConfig(
+    return MMGPTConfig(
         vision=vision,
         projector=ProjectorConfig(
             pixel_shuffle=1, mlp_depth=2, hidden_dim=tc.hidden_size, bias=bool(hf_config.multimodal_projector_bias),
@@ -359,9 +259,6 @@ def mmgpt_config_from_llava_onevision(
         decoder=decoder,
         image_token_id=image_token_id,
     )
-    fields = {k: v for k, v in anyres_processor.to_dict().items() if k not in ("tile_size", "backend")}
-    # The backend only as asked for: None follows whatever environment the model is loaded in.
-    return config, {**fields, "backend": backend, "max_tiles": max_tiles}
 
 
 def read_llava_onevision_config(hf_dir: str | Path):
@@ -417,12 +314,12 @@ def llava_onevision_state_dict(
     tensors: dict[str, torch.Tensor], config: MMGPTConfig, expected: dict[str, torch.Tensor], n_blocks: int,
     where: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
-    """A LLaVA-OneVision checkpoint's tensors -> the ``AnyresMMGPT`` state dict of ``config``.
+    """A LLaVA-OneVision checkpoint's tensors -> the ``MMGPT`` state dict of ``config`` (``vision.anyres``).
 
     Args:
         tensors: every tensor of the checkpoint, under its saved keys.
         config: the model's config (``mmgpt_config_from_llava_onevision``).
-        expected: the state dict of an ``AnyresMMGPT`` of that config (its keys and shapes are what must be filled).
+        expected: the state dict of an ``MMGPT`` of that config (its keys and shapes are what must be filled).
         n_blocks: the vision blocks the model keeps (up to the feature layer).
         where: how errors name the checkpoint.
 
@@ -473,7 +370,7 @@ def llava_onevision_state_dict(
 
 
 def _hf_name(key: str) -> str:
-    """An ``AnyresMMGPT`` state-dict key as errors name it: the language model's tensors by their
+    """An ``MMGPT`` state-dict key as errors name it: the language model's tensors by their
     ``Qwen2ForCausalLM`` keys (those the checkpoint's are mapped to)."""
     prefix = "decoder.model."
     return f"language_model {key[len(prefix):]}" if key.startswith(prefix) else key
@@ -481,9 +378,9 @@ def _hf_name(key: str) -> str:
 
 def import_llava_onevision(
     hf_dir: str | Path, dtype: torch.dtype | None = None, backend: str | None = None
-) -> AnyresMMGPT:
-    """Load a saved HF ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) as an ``AnyresMMGPT`` with the
-    same logits.
+) -> MMGPT:
+    """Load a saved HF ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) as an ``MMGPT`` (with
+    ``vision.anyres``) with the same logits. ``mmgpt.load(hf_dir)`` calls this and adds the tokenizer.
 
     Feed it ``model.processor(picture)`` for each picture (``split=False`` for each of several in one prompt), a
     prompt with ``model.num_image_tokens(image)`` ``<image>`` placeholders per picture, and the pictures as
@@ -513,8 +410,8 @@ def import_llava_onevision(
             f"to be sure",
             stacklevel=2,
         )
-    config, anyres = mmgpt_config_from_llava_onevision(hf_config, image_processor, processor, backend)
-    model = AnyresMMGPT(config, anyres)
+    config = mmgpt_config_from_llava_onevision(hf_config, image_processor, processor, backend)
+    model = MMGPT(config)
     n_blocks = len(model.vision.model.blocks)  # VisionTower pruned the blocks after the feature layer
     state = llava_onevision_state_dict(_read_safetensors(hf_dir), config, model.state_dict(), n_blocks, str(hf_dir))
     model.load_state_dict(state, strict=True)
@@ -536,7 +433,7 @@ def load_llava_onevision_tokenizer(hf_dir: str | Path, image_token_id: int | Non
 
 
 __all__ = [
-    "AnyresMMGPT", "import_llava_onevision", "load_llava_onevision_tokenizer", "mmgpt_config_from_llava_onevision",
+    "import_llava_onevision", "load_llava_onevision_tokenizer", "mmgpt_config_from_llava_onevision",
     "read_llava_onevision_config", "llava_onevision_state_dict", "is_llava_onevision_dir", "max_tiles_from_hf",
     "ARCHITECTURES", "MODEL_TYPE",
 ]

@@ -35,11 +35,16 @@ Details that decide whether the numbers match:
 Not supported (named by ``mmgpt_config_from_paligemma``): PaliGemma 2's Gemma 2 text model (``HFDecoder`` builds its
 LM with SDPA, which Gemma 2 refuses for its attention soft-capping), a vision tower other than SigLIP.
 
+Export (``export_paligemma``) is the same renaming backwards: a model of this architecture, fine-tuned or not, is
+written as a directory that ``PaliGemmaForConditionalGeneration`` loads with the same logits, with the tokenizer and
+a ``PaliGemmaProcessor``.
+
 Only safetensors are read: a ``.bin`` checkpoint is a pickle that can run code. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -47,12 +52,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.convert.hf_causal_lm import names_model
 from mmgpt.convert.idefics3 import TIMM_SIGLIP, TIMM_SIGLIP_LN_EPS
 from mmgpt.convert.llava import _read_safetensors
-from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, SIGLIP_LAYOUT, timm_mlp_ratio, vit_from_hf
+from mmgpt.convert.vit_weights import (
+    HF_ACT_TO_TIMM,
+    SIGLIP_LAYOUT,
+    timm_act_to_hf,
+    timm_mlp_ratio,
+    vit_from_hf,
+    vit_to_hf,
+)
+from mmgpt.finite_weights import check_finite
 from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import load_vlm_tokenizer
@@ -445,7 +459,157 @@ def load_paligemma_tokenizer(hf_dir: str | Path, image_token_id: int | None = No
     return load_vlm_tokenizer(hf_dir, image_token_id, "image_token_index", fallback_template=PALIGEMMA_CHAT_TEMPLATE)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _export_problems(model: MMGPT) -> list[str]:
+    """What in ``model`` a PaliGemma model cannot express (empty: it can)."""
+    vision, projector, decoder = model.config.vision, model.config.projector, model.config.decoder
+    problems = []
+    if vision.name != TIMM_SIGLIP:
+        problems.append(f"vision.name={vision.name!r} (expected {TIMM_SIGLIP!r}, the SigLIP tower)")
+    if vision.feature_layer != -1 or not vision.final_norm:
+        problems.append(
+            f"vision.feature_layer={vision.feature_layer}, final_norm={vision.final_norm} (expected -1 and true: the "
+            f"projector reads the last block through the post-LayerNorm)"
+        )
+    if vision.tiling is not None:
+        problems.append("vision.tiling is set (PaliGemma takes each picture as one square image)")
+    if (projector.pixel_shuffle != 1 or projector.mlp_depth != 1 or not projector.bias or projector.input_norm
+            or projector.pos_embed or projector.whiten):
+        problems.append(
+            "projector: expected one Linear with bias and nothing else (pixel_shuffle=1, mlp_depth=1, bias=true; "
+            f"input_norm, pos_embed and whiten false), got pixel_shuffle={projector.pixel_shuffle}, mlp_depth="
+            f"{projector.mlp_depth}, bias={projector.bias}, input_norm={projector.input_norm}, pos_embed="
+            f"{projector.pos_embed}, whiten={projector.whiten}"
+        )
+    text_type = (decoder.hf_config or {}).get("model_type")
+    if decoder.backend != "hf" or text_type not in TEXT_MODEL_TYPES:
+        problems.append(
+            f"decoder.backend={decoder.backend!r} with hf_config.model_type={text_type!r} (expected 'hf' and one of "
+            f"{list(TEXT_MODEL_TYPES)}: transformers' Gemma)"
+        )
+    if decoder.attention != "prefix" or decoder.position_offset != 1:
+        problems.append(
+            f"decoder.attention={decoder.attention!r}, position_offset={decoder.position_offset} (expected 'prefix' "
+            f"and 1, PaliGemma's prefix-LM counting positions from 1)"
+        )
+    if not problems and timm_act_to_hf(model.vision.model.blocks[0].mlp.act) is None:
+        problems.append(f"the vision MLP's activation {model.vision.model.blocks[0].mlp.act} has no HF name")
+    return problems
+
+
+def paligemma_config_from_mmgpt(model: MMGPT):
+    """The ``transformers.PaliGemmaConfig`` of an mmgpt model of this architecture.
+
+    Args:
+        model: an ``MMGPT`` as ``import_paligemma`` builds it (fine-tuned or not).
+
+    Raises:
+        ValueError: naming every part of the model that PaliGemma's architecture cannot express.
+    """
+    from transformers import PaliGemmaConfig
+
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError("this model does not fit PaliGemma's architecture: " + "; ".join(problems))
+    vit, decoder = model.vision.model, model.config.decoder
+    block = vit.blocks[0]
+    text = dict(decoder.hf_config)
+    hidden = text["hidden_size"]
+    # What import switched off for mmgpt's own masks; HF's PaliGemma reads the prefix from token_type_ids with it.
+    text["use_bidirectional_attention"] = True
+    text.pop("dtype", None)
+    vision_config = dict(
+        model_type="siglip_vision_model", hidden_size=vit.embed_dim, intermediate_size=block.mlp.fc1.out_features,
+        num_hidden_layers=len(vit.blocks), num_attention_heads=block.attn.num_heads, num_channels=3,
+        image_size=model.config.vision.img_size, patch_size=vit.patch_embed.patch_size[0],
+        hidden_act=timm_act_to_hf(block.mlp.act), layer_norm_eps=TIMM_SIGLIP_LN_EPS, vision_use_head=False,
+        projection_dim=hidden,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision_config, text_config=text, image_token_index=model.config.image_token_id,
+        vocab_size=text["vocab_size"], projection_dim=hidden, hidden_size=hidden,
+        tie_word_embeddings=decoder.tie_embeddings,
+    )
+    config.dtype = model.decoder.wte.weight.dtype  # from_pretrained(dtype="auto") then loads what was saved
+    return config
+
+
+def paligemma_hf_state_dict(model: MMGPT) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` under ``PaliGemmaForConditionalGeneration``'s checkpoint keys as transformers 5
+    writes them (``model.{vision_tower,multi_modal_projector,language_model}.*`` and an untied ``lm_head``)."""
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError("this model does not fit PaliGemma's architecture: " + "; ".join(problems))
+    sd = model.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+    vision, left = vit_to_hf(part("vision.model."), len(model.vision.model.blocks))
+    if left:
+        raise ValueError(f"the vision tower has tensors SigLIP has no place for: {sorted(left)}")
+    out = {"model.vision_tower." + k: v for k, v in vision.items()}
+    out["model.multi_modal_projector.linear.weight"] = sd["projector.mlp.0.weight"]
+    out["model.multi_modal_projector.linear.bias"] = sd["projector.mlp.0.bias"]
+    for k, v in part("decoder.model.").items():  # GemmaForCausalLM's keys: model.*, lm_head.weight
+        if k == "lm_head.weight":
+            if not model.config.decoder.tie_embeddings:  # tied, it is the embedding matrix, saved once
+                out[k] = v
+        elif k.startswith("model."):
+            out["model.language_model." + k[len("model."):]] = v
+        elif not _UNUSED.match(k):
+            raise ValueError(f"the decoder has a tensor PaliGemma has no place for: decoder.model.{k}")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def export_paligemma(model: MMGPT, tokenizer, out_dir: str | Path) -> None:
+    """Write ``model`` as a HF directory that ``PaliGemmaForConditionalGeneration.from_pretrained`` (and
+    ``AutoModelForImageTextToText``) loads with the same logits: ``config.json``, ``model.safetensors``, the
+    tokenizer and a ``PaliGemmaProcessor`` (SigLIP's image processor at the tower's size, ``image_seq_len`` image
+    tokens). ``import_paligemma`` reads it back.
+
+    The tokenizer is written without ``PALIGEMMA_CHAT_TEMPLATE`` (mmgpt's own rendering of PaliGemma's prompt
+    format, added on import), as PaliGemma's own tokenizer has no chat template.
+
+    Args:
+        model: an ``MMGPT`` of PaliGemma's architecture (``import_paligemma``'s, possibly fine-tuned, with LoRA
+            adapters merged).
+        tokenizer: its tokenizer (``load_paligemma_tokenizer``'s, or the one a training checkpoint carries).
+        out_dir: the directory to write (created if missing).
+
+    Raises:
+        ValueError: naming every part of the model PaliGemma's architecture cannot express.
+    """
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+
+    config = paligemma_config_from_mmgpt(model)
+    tensors = paligemma_hf_state_dict(model)
+    check_finite(tensors, f"cannot export to {out_dir}")
+    tokenizer = copy.deepcopy(tokenizer)  # the processor adds PaliGemma's location tokens to the one it is given
+    if tokenizer.chat_template == PALIGEMMA_CHAT_TEMPLATE:
+        tokenizer.chat_template = None
+    size = model.config.vision.img_size
+    image_processor = SiglipImageProcessor(
+        size={"height": size, "width": size}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        image_seq_length=model.image_seq_len,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens with PaliGemma's location and segmentation tokens, more "
+            f"than the model's vocabulary ({config.text_config.vocab_size}): export the tokenizer the model was "
+            f"imported with"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(str(out_dir))  # the tokenizer's files too
+
+
 __all__ = [
+    "export_paligemma", "paligemma_config_from_mmgpt", "paligemma_hf_state_dict",
     "import_paligemma", "load_paligemma_tokenizer", "mmgpt_config_from_paligemma", "read_paligemma_config",
     "paligemma_state_dict", "paligemma_prompt", "is_paligemma_dir", "PALIGEMMA_CHAT_TEMPLATE", "ARCHITECTURES",
     "MODEL_TYPE",

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgpt.data.sample import Sample
 from mmgpt.models.image_processor import ImageProcessor
+from mmgpt.models.image_tiling import TiledImage, TilingImageProcessor, image_prompt
 from mmgpt.prompts import encode_conversation
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and padding positions
@@ -26,6 +27,10 @@ class Collator:
     ``"generate"`` mode a row is the prompt alone, left-padded, so that generation continues every row from the
     same slot.
 
+    A tiling processor (``TilingImageProcessor``, Idefics3/SmolVLM's) makes a picture ``rows * cols + 1`` images (the
+    tiles and the global view) and its ``<image>`` marker the text the HF processor writes for them
+    (``image_tiling.image_prompt``), so a batch holds as many images as its pictures have tiles.
+
     With ``pack=True`` (training only) the samples are packed into as few rows of at most ``max_length`` tokens
     as fit (first-fit by decreasing length) instead of one row each: no slot is spent on padding between a long
     caption and a one-word answer, and tasks stay mixed in every batch. The batch then also carries
@@ -35,7 +40,7 @@ class Collator:
 
     Args:
         tokenizer: the model's tokenizer.
-        processor: turns each image into a ``(3, H, W)`` tensor.
+        processor: turns each image into a ``(3, H, W)`` tensor, or (tiling) into a ``TiledImage``.
         image_seq_len: ``<image>`` placeholders per image (the model's ``image_seq_len``).
         max_length: longest row in tokens; longer rows are truncated on the right.
         mode: ``"train"`` or ``"generate"``.
@@ -45,7 +50,7 @@ class Collator:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerFast,
-        processor: ImageProcessor,
+        processor: ImageProcessor | TilingImageProcessor,
         image_seq_len: int,
         max_length: int = 256,
         mode: Literal["train", "generate"] = "train",
@@ -57,11 +62,26 @@ class Collator:
         self.image_seq_len, self.max_length, self.mode, self.pack = image_seq_len, max_length, mode, pack
         self.pad_id = tokenizer.pad_token_id
 
-    def _row(self, s: Sample) -> tuple[list[int], list[int]]:
+    def _pixels(self, s: Sample) -> tuple[torch.Tensor | None, list[str] | None]:
+        """The sample's images ``(n, 3, H, W)`` (None without a picture), and, for a tiling processor, the text its
+        ``<image>`` marker becomes (None: ``image_seq_len`` placeholders)."""
+        if s.image is None:
+            return None, None
+        out = self.processor(s.image)
+        if isinstance(out, TiledImage):
+            return out.pixels, [image_prompt(out.rows, out.cols, self.image_seq_len)]
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"sample {s.id!r}: the model's image processor gives a {type(out).__name__}; training and evaluation "
+                f"batches take one (3, H, W) image per picture, or Idefics3/SmolVLM tiles (a TiledImage)"
+            )
+        return out[None], None
+
+    def _row(self, s: Sample, image_texts: list[str] | None = None) -> tuple[list[int], list[int]]:
         try:
             ids, supervised, turns = encode_conversation(
                 self.tokenizer, s.conversation(with_answer=self.mode == "train"), self.image_seq_len,
-                add_generation_prompt=self.mode == "generate",
+                add_generation_prompt=self.mode == "generate", image_texts=image_texts,
             )
         except (ValueError, TypeError) as e:
             # Name the sample: a batch holds many, and the message alone does not say which one is bad.
@@ -95,17 +115,20 @@ class Collator:
         return ids, labels
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
-        rows = [self._row(s) for s in samples]
+        images = [self._pixels(s) for s in samples]
+        rows = [self._row(s, texts) for s, (_, texts) in zip(samples, images, strict=True)]
+        pixels = [p for p, _ in images]
         if self.pack:
-            return self._packed(samples, rows)
+            return self._packed(samples, rows, pixels)
         # Training pads on the right (causal attention never looks ahead into it); generation on the left.
         side = "right" if self.mode == "train" else "left"
         input_ids, attention_mask = pad_rows([ids for ids, _ in rows], self.pad_id, side)
-        pixels = [self.processor(s.image) for s in samples if s.image is not None]
+        pixels = [p for p in pixels if p is not None]
         batch = {
             "input_ids": input_ids,  # (B, T)
             "attention_mask": attention_mask,  # (B, T)
-            "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W): one per image, in row order
+            # (N, 3, H, W): one per image (per tile with tiling), in row order
+            "images": torch.cat(pixels) if pixels else None,
             "ids": [s.id for s in samples],
             "tasks": [s.task for s in samples],
         }
@@ -120,7 +143,10 @@ class Collator:
             batch["prompts"] = [s.prompt for s in samples]
         return batch
 
-    def _packed(self, samples: Sequence[Sample], rows: list[tuple[list[int], list[int]]]) -> dict:
+    def _packed(
+        self, samples: Sequence[Sample], rows: list[tuple[list[int], list[int]]],
+        sample_pixels: list[torch.Tensor | None],
+    ) -> dict:
         # First-fit decreasing: long captions open rows, short answers fill their tails. Deterministic.
         bins: list[list[int]] = []  # sample indices per packed row, in slot order
         room: list[int] = []
@@ -135,7 +161,7 @@ class Collator:
             room[r] -= n
         T = max(self.max_length - free for free in room)
         # Rows are built as Python lists and become tensors once: per-sample tensor copies cost more than the rest.
-        input_ids, labels, position_ids, segment_ids, pixels = [], [], [], [], []
+        input_ids, labels, position_ids, segment_ids, pixels = [], [], [], [], []  # pixels: (n, 3, H, W) each
         for members in bins:
             ids_row, lab_row, pos_row, seg_row = [], [], [], []
             for i in members:
@@ -146,8 +172,8 @@ class Collator:
                 lab_row += [IGNORE_INDEX, *lab[1:]]
                 pos_row += range(len(ids))
                 seg_row += [i] * len(ids)
-                if samples[i].image is not None:
-                    pixels.append(self.processor(samples[i].image))  # row-major: the order the splice fills
+                if sample_pixels[i] is not None:
+                    pixels.append(sample_pixels[i])  # row-major: the order the splice fills
             pad = T - len(ids_row)
             input_ids.append(ids_row + [self.pad_id] * pad)
             labels.append(lab_row + [IGNORE_INDEX] * pad)
@@ -160,7 +186,7 @@ class Collator:
             "labels": torch.tensor(labels),  # (R, T)
             "position_ids": torch.tensor(position_ids),  # (R, T): restarts at 0 for every sample
             "segment_ids": segment_ids,  # (R, T): index of the sample in ``ids``, -1 at padding
-            "images": torch.stack(pixels) if pixels else None,  # (N, 3, H, W) in slot order
+            "images": torch.cat(pixels) if pixels else None,  # (N, 3, H, W) in slot order
             "ids": [s.id for s in samples],
             "tasks": [s.task for s in samples],
             "prefix_lengths": _prefix_lengths(rows),  # (len(samples),) in sample order

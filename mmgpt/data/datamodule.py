@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from mmgpt.convert.hf_vlm import load_model_tokenizer
 from mmgpt.data.bad_samples import SkipBadImages, SkippingCollate
 from mmgpt.data.collate import Collator
 from mmgpt.data.length_grouped import LengthGroupedSampler
@@ -23,7 +24,8 @@ from mmgpt.data.shapes import (
 from mmgpt.data.shapes_language import QTYPES, QType
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
 from mmgpt.models.image_processor import ImageProcessor
-from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from mmgpt.models.image_tiling import TilingImageProcessor
+from mmgpt.tokenizer import DEFAULT_TOKENIZER
 
 
 @dataclass
@@ -86,7 +88,9 @@ class MMGPTDataModule(L.LightningDataModule):
     """Data for ``MMGPTModule``.
 
     Args:
-        tokenizer: tokenizer directory; linked to ``model.tokenizer`` by the CLI so both always agree.
+        tokenizer: tokenizer directory; linked to ``model.tokenizer`` by the CLI so both always agree. A saved HF
+            SmolVLM/Idefics3 or PaliGemma directory gives its own tokenizer with its processor's chat template (or
+            PaliGemma's prompt format); the CLI sets it to ``model.init_from`` when that is such a directory.
         train, val, test: the sources of each split; several sources are mixed by their weights.
         shapes: the procedural shape world (used by ``kind: shapes`` sources).
         batch_size: samples per batch (per device).
@@ -105,7 +109,8 @@ class MMGPTDataModule(L.LightningDataModule):
             and line (or id); ``"skip"`` drops it from its batch with a logged warning naming the same, counts it
             in ``batch["skipped"]``, and in training draws a replacement (``mmgpt.data.bad_samples``). Malformed
             records are errors either way, found when the dataset is built.
-        processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders.
+        processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders. A tiling
+            processor (SmolVLM's) makes each picture its tiles and a global view, as the HF processor does.
     """
 
     def __init__(
@@ -123,7 +128,7 @@ class MMGPTDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         packing: bool = False,
         on_bad_sample: Literal["error", "skip"] = "error",
-        processor: ImageProcessor | None = None,
+        processor: ImageProcessor | TilingImageProcessor | None = None,
         image_seq_len: int | None = None,
     ) -> None:
         super().__init__()
@@ -145,7 +150,7 @@ class MMGPTDataModule(L.LightningDataModule):
         self.mixture_length, self.seed, self.group_by_length = mixture_length, seed, group_by_length
         self.packing, self.on_bad_sample = packing, on_bad_sample
         self.processor, self.image_seq_len = processor, image_seq_len
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_model_tokenizer(tokenizer)
         self.datasets: dict[str, Dataset] = {}
 
     def dataset(self, split: str) -> Dataset:

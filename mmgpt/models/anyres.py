@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmgpt.models.image_processor import ImageInput
-from mmgpt.models.image_tiling import RESAMPLE_NAMES, TilingImageProcessor, _crop, _rgb8
+from mmgpt.models.image_tiling import RESAMPLE_NAMES, TilingImageProcessor, crop, rgb8
 from mmgpt.prompts import IMAGE
 
 # A packed map is shrunk only when its side is over 1.1x that of max_tiles tiles' worth of tokens (HF's threshold).
@@ -338,15 +338,15 @@ class AnyresImageProcessor:
         Returns:
             Its base view and tiles, normalized, its size and its grid.
         """
-        pixels = _rgb8(image)  # (H, W, 3) uint8
+        pixels = rgb8(image)  # (H, W, 3) uint8
         H, W = pixels.shape[:2]
         ops, backend, S = self._ops, self.backend, self.tile_size
-        resize = ops._resize_torchvision if backend == "torchvision" else ops._resize_pil
+        resize = ops.resize
         x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() if backend == "torchvision" else pixels
         if not split:
             # Padded with the mean colour in 8 bits, truncated as HF's int(m * 255).
             fill = tuple(int(m * 255) for m in self.mean)
-            return AnyresImage(ops._normalize([resize(_pad(x, *_square_margins(H, W), fill, backend), (S, S))]),
+            return AnyresImage(ops.normalize([resize(_pad(x, *_square_margins(H, W), fill, backend), (S, S))]),
                                (H, W), (0, 0))
         canvas = select_best_resolution(H, W, self.grid_pinpoints)
         h, w = fit_into(H, W, canvas)
@@ -356,8 +356,8 @@ class AnyresImageProcessor:
         canvas_pixels = _pad(resized, top, left, canvas[0] - h - top, canvas[1] - w - left, 0, backend)
         rows, cols = canvas[0] // S, canvas[1] // S
         frames = [resize(x, (S, S))]  # the base view first
-        frames += [_crop(canvas_pixels, i * S, j * S, S, backend) for i in range(rows) for j in range(cols)]
-        return AnyresImage(ops._normalize(frames), (H, W), (rows, cols))
+        frames += [crop(canvas_pixels, i * S, j * S, S, backend) for i in range(rows) for j in range(cols)]
+        return AnyresImage(ops.normalize(frames), (H, W), (rows, cols))
 
 
 def _square_margins(height: int, width: int) -> tuple[int, int, int, int]:

@@ -270,8 +270,8 @@ class TilingImageProcessor:
         Raises:
             BadImageError: an image that cannot be read or would be misread.
         """
-        pixels = _rgb8(image)  # (H, W, 3) uint8
-        resize = self._resize_torchvision if self.backend == "torchvision" else self._resize_pil
+        pixels = rgb8(image)  # (H, W, 3) uint8
+        resize = self.resize
         x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() if self.backend == "torchvision" else pixels
         H, W = pixels.shape[:2]
         S = self.tile_size
@@ -288,11 +288,16 @@ class TilingImageProcessor:
             x = resize(x, (h, w))
             if h > S or w > S:
                 rows, cols = h // S, w // S
-                frames = [_crop(x, i * S, j * S, S, self.backend) for i in range(rows) for j in range(cols)]
+                frames = [crop(x, i * S, j * S, S, self.backend) for i in range(rows) for j in range(cols)]
                 frames.append(resize(x, (S, S)))  # the global view
             else:
                 frames = [x]
-        return TiledImage(self._normalize(frames), rows, cols)
+        return TiledImage(self.normalize(frames), rows, cols)
+
+    def resize(self, x, size: tuple[int, int]):
+        """Resize an 8-bit picture to ``size`` ``(height, width)`` with ``resample``, as transformers' backend
+        ``self.backend`` does: a ``(3, H, W)`` uint8 tensor for torchvision, an ``(H, W, 3)`` uint8 array for PIL."""
+        return self._resize_torchvision(x, size) if self.backend == "torchvision" else self._resize_pil(x, size)
 
     def _resize_torchvision(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as tvF
@@ -305,7 +310,9 @@ class TilingImageProcessor:
         h, w = size
         return np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling[self.resample.upper()]))
 
-    def _normalize(self, frames: list) -> torch.Tensor:
+    def normalize(self, frames: list) -> torch.Tensor:
+        """8-bit frames of one size (``resize``'s outputs) -> ``(K, 3, S, S)`` float32, rescaled and normalized with
+        the roundings of transformers' backend ``self.backend``."""
         if self.backend == "torchvision":
             from torchvision.transforms.v2 import functional as tvF
 
@@ -320,7 +327,7 @@ class TilingImageProcessor:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def _rgb8(image: ImageInput) -> np.ndarray:
+def rgb8(image: ImageInput) -> np.ndarray:
     """A picture as 8-bit RGB ``(H, W, 3)``, read by ``mmgpt.models.image_processor``'s rules."""
     if isinstance(image, (str, Path)):
         image = open_image(image)
@@ -337,7 +344,8 @@ def _size(x, backend: str) -> tuple[int, int]:
     return tuple(x.shape[-2:]) if backend == "torchvision" else tuple(x.shape[:2])
 
 
-def _crop(x, top: int, left: int, size: int, backend: str):
+def crop(x, top: int, left: int, size: int, backend: str):
+    """The ``size`` square at ``(top, left)`` of a ``(3, H, W)`` tensor (torchvision) or ``(H, W, 3)`` array (PIL)."""
     if backend == "torchvision":
         return x[:, top : top + size, left : left + size]  # (3, S, S)
     return x[top : top + size, left : left + size]  # (S, S, 3)
@@ -345,5 +353,5 @@ def _crop(x, top: int, left: int, size: int, backend: str):
 
 __all__ = [
     "TilingImageProcessor", "TiledImage", "image_prompt", "expand_image_markers", "row_col_token",
-    "fit_longest_edge", "fit_tiles", "FAKE_TOKEN", "GLOBAL_TOKEN",
+    "fit_longest_edge", "fit_tiles", "rgb8", "crop", "FAKE_TOKEN", "GLOBAL_TOKEN",
 ]

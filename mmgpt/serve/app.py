@@ -244,7 +244,8 @@ class _PromptBounds:
     exceed the context is refused before its images are decoded and its text templated (work that grows with the
     request). Each bound is one no prompt within the context can pass.
 
-    * images: each costs ``image_seq_len`` tokens at the least (a tiled picture more: its tiles and global view);
+    * images: each costs ``image_seq_len`` tokens at the least (a tiled picture more: its tiles and global view; a
+      packed LLaVA-OneVision picture one tile and its newline, or more when it is split);
     * messages: the chat template writes a role tag, at least one token, for every message;
     * text: a token stands for at most as many characters as the longest string in the vocabulary (a byte-level
       token's string has a character per byte, and a character has at least one byte). Not bounded when the
@@ -253,7 +254,9 @@ class _PromptBounds:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.block_size = pipeline.model.config.decoder.block_size
-        self.image_seq_len = pipeline.model.image_seq_len
+        model = pipeline.model
+        # The fewest placeholders an image can take; an anyres model has no single image_seq_len.
+        self.image_tokens = model.packer.layout.patch_grid**2 + 1 if model.packer is not None else model.image_seq_len
         backend = getattr(pipeline.tokenizer, "backend_tokenizer", None)
         normalizes = backend is None or backend.normalizer is not None
         longest = max(map(len, pipeline.tokenizer.get_vocab()))
@@ -283,9 +286,9 @@ class _PromptBounds:
                 f"{context}, and the {len(messages)} messages take at least one token each, leaving none for the "
                 "answer. Send fewer messages", "messages", code="context_length_exceeded",
             )
-        if images * self.image_seq_len >= self.block_size:
+        if images * self.image_tokens >= self.block_size:
             raise bad_request(
-                f"{context}, and the {images} images take at least {self.image_seq_len} tokens each, leaving none "
+                f"{context}, and the {images} images take at least {self.image_tokens} tokens each, leaving none "
                 "for the answer. Send fewer images", "messages", code="context_length_exceeded",
             )
         if self.max_chars is not None and chars > self.max_chars:

@@ -13,7 +13,9 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mmgpt.checkpoint import is_remote
+from mmgpt.convert.hf_vlm import hf_vlm_family
 from mmgpt.data.datamodule import MMGPTDataModule
+from mmgpt.tokenizer import DEFAULT_TOKENIZER
 from mmgpt.train.module import MMGPTModule
 
 # ckpt_path keywords that Lightning resolves to a file one of this run's own callbacks wrote (or SLURM's "hpc"
@@ -73,6 +75,17 @@ class MMGPTCLI(LightningCLI):
         # which an environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) turns off. Say it explicitly.
         if subcommand := self.config.get("subcommand"):
             self.config[subcommand]["weights_only"] = True
+            _use_imported_tokenizer(self.config[subcommand])
+
+
+def _use_imported_tokenizer(config) -> None:
+    """A run that starts from a saved HF vision-language model (``model.init_from``) tokenizes with that model's own
+    tokenizer and prompt format: ``data.tokenizer`` (and ``model.tokenizer``, linked from it) become ``init_from``
+    unless set. Another tokenizer is refused by ``MMGPTModule``, naming both."""
+    init_from = config.get("model.init_from")
+    if init_from and not is_remote(init_from) and hf_vlm_family(init_from):
+        if str(config.get("data.tokenizer")) == str(DEFAULT_TOKENIZER):
+            config["data.tokenizer"] = config["model.tokenizer"] = str(init_from)
 
 
 def datamodule_from_config(section: dict[str, Any]) -> MMGPTDataModule:

@@ -17,11 +17,13 @@ from torchmetrics import MeanMetric
 from mmgpt.checkpoint import (
     add_to_lightning_checkpoint,
     check_finite,
+    load_checkpoint,
     load_weights,
     local_path,
     tokenizer_from_lightning_checkpoint,
 )
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig, config_from_dict
+from mmgpt.convert.hf_vlm import hf_vlm_family
 from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
 from mmgpt.models.lora import LoRAConfig, apply_lora
@@ -49,6 +51,37 @@ def _as_config(cls, value):
 WHITENING_IMAGES = 2048
 
 
+def _imported_model(
+    init_from: str, tokenizer: str, vision: VisionConfig, projector: ProjectorConfig, decoder: DecoderConfig
+):
+    """``(model, tokenizer)`` of a saved HF vision-language model, converted to mmgpt's modules for training.
+
+    Raises:
+        ValueError: an architecture field or another tokenizer given beside it (the directory defines both).
+    """
+    given = [
+        f"model.{name}" for name, value, default in (
+            ("vision", vision, VisionConfig()), ("projector", projector, ProjectorConfig()),
+            ("decoder", decoder, DecoderConfig()),
+        ) if asdict(value) != asdict(default)
+    ]
+    if given:
+        raise ValueError(
+            f"init_from={init_from} is a saved HF {hf_vlm_family(init_from)} model, which defines the architecture; "
+            f"{', '.join(given)} is set as well: remove it (and any --config that sets it)"
+        )
+    if str(tokenizer) not in (str(DEFAULT_TOKENIZER), str(init_from)):
+        raise ValueError(
+            f"init_from={init_from} is a saved HF model with its own tokenizer, but data.tokenizer={tokenizer}: leave "
+            f"data.tokenizer unset (the CLI then uses init_from's) or set it to {init_from}"
+        )
+    try:
+        model, tok = load_checkpoint(init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"init_from: {e}") from e
+    return model.train(), tok
+
+
 class MMGPTModule(L.LightningModule):
     """Trains an ``MMGPT``.
 
@@ -63,7 +96,10 @@ class MMGPTModule(L.LightningModule):
         min_lr_ratio: floor of the cosine schedule, as a fraction of the peak.
         lr_decay_steps: steps the schedule spans (nanoGPT's ``lr_decay_iters``); None: the whole run. Longer
             than the run, it stops part way down the cosine, as a longer run cut short would.
-        freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed.
+        freeze_vision, freeze_projector, freeze_decoder: keep a component's weights fixed. ``None`` (the default of
+            the first two): frozen when ``init_from`` is a pretrained HF vision-language model, as HF's fine-tuning
+            recipes keep its tower and projector (with ``lora`` only the adapters then train, and the adapter alone,
+            ``mmgpt export --adapter-only``, is the whole fine-tune); trained otherwise.
         max_new_tokens: answer length for ``predict`` and generation-based validation.
         eval_every_n_validations: every this many validation runs, also generate answers for a fixed subset
             of the validation set and log caption/VQA/text scores next to the loss (0 disables).
@@ -75,7 +111,9 @@ class MMGPTModule(L.LightningModule):
             compile (tens of seconds on a CPU) for faster steps: 1.2x on the quickstart's CPU run.
         init_from: start from the weights of a trained model (a local ``.ckpt`` or exported directory; read without
             running code, and refused if a weight is NaN or inf), as a second training stage starts from the first;
-            unlike ``ckpt_path`` it does not resume the optimizer or step.
+            unlike ``ckpt_path`` it does not resume the optimizer or step. A saved HF SmolVLM/Idefics3 or PaliGemma
+            directory (``mmgpt.load``'s) brings its whole architecture, tokenizer and image processor: leave
+            ``vision``, ``projector`` and ``decoder`` unset, and the CLI gives the data its tokenizer.
         lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
             weights when the model is loaded for inference or exported.
         loss_weighting: ``"token"`` (the default, as LLaVA and HF): the training loss is the mean over every
@@ -99,8 +137,8 @@ class MMGPTModule(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         lr_decay_steps: int | None = None,
-        freeze_vision: bool = False,
-        freeze_projector: bool = False,
+        freeze_vision: bool | None = None,
+        freeze_projector: bool | None = None,
         freeze_decoder: bool = False,
         max_new_tokens: int = 32,
         eval_every_n_validations: int = 1,
@@ -127,13 +165,24 @@ class MMGPTModule(L.LightningModule):
             raise ValueError(f"lr_decay_steps={lr_decay_steps}; expected a positive number of steps or None")
         if lora is not None and freeze_decoder:
             raise ValueError("lora trains adapters in the decoder: it cannot be combined with freeze_decoder=true")
-        self.tokenizer = load_tokenizer(tokenizer)
-        decoder = DecoderConfig(**{**asdict(decoder), "vocab_size": len(self.tokenizer)})
-        config = MMGPTConfig(vision, projector, decoder, image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE))
-        # A pretrained LM is the point of hf_path, unless the weights come from an earlier stage.
-        self.model = create_model(config, pretrained=bool(config.decoder.hf_path) and not init_from)
-        if init_from:
-            load_weights(self.model, init_from)
+        imported = hf_vlm_family(local_path(init_from, "init_from")) if init_from else None
+        if imported:
+            self.model, self.tokenizer = _imported_model(init_from, tokenizer, vision, projector, decoder)
+        else:
+            self.tokenizer = load_tokenizer(tokenizer)
+            decoder = DecoderConfig(**{**asdict(decoder), "vocab_size": len(self.tokenizer)})
+            config = MMGPTConfig(
+                vision, projector, decoder, image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE)
+            )
+            # A pretrained LM is the point of hf_path, unless the weights come from an earlier stage.
+            self.model = create_model(config, pretrained=bool(config.decoder.hf_path) and not init_from)
+            if init_from:
+                load_weights(self.model, init_from)
+        projector = self.model.config.projector
+        # A pretrained VLM's tower and projector already agree with its LM; a model assembled from parts has a
+        # projector to learn.
+        freeze_vision = bool(imported) if freeze_vision is None else freeze_vision
+        freeze_projector = bool(imported) if freeze_projector is None else freeze_projector
         if gradient_checkpointing:
             self.model.decoder.gradient_checkpointing_enable()
         self.frozen = {"vision": freeze_vision, "projector": freeze_projector, "decoder": freeze_decoder}

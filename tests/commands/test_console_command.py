@@ -81,12 +81,14 @@ def test_version(capsys):
         (["generate"], ["--model", "--image", "--prompt", "--max-new-tokens", "--do-sample", "--top-p", "--stream"]),
         (["evaluate"], ["--model", "--data", "--split", "--limit", "--batch-size", "--predictions"]),
         (["export"], ["--ckpt", "--out"]),
-        (["convert"], ["llava", "gguf", "efficientnet-lite0"]),
+        (["convert"], ["llava", "smolvlm", "idefics3", "paligemma", "gguf", "efficientnet-lite0"]),
         (["convert", "llava"], ["import", "export"]),
+        (["convert", "smolvlm"], ["export", "import"]),
         (["convert", "gguf"], ["--gguf", "--out", "--force", "--no-verify"]),
         (["convert", "efficientnet-lite0"], ["--out", "--weights"]),
     ],
-    ids=["generate", "evaluate", "export", "convert", "convert-llava", "convert-gguf", "convert-efficientnet-lite0"],
+    ids=["generate", "evaluate", "export", "convert", "convert-llava", "convert-smolvlm", "convert-gguf",
+         "convert-efficientnet-lite0"],
 )
 def test_subcommand_help_names_its_flags(capsys, argv, flags):
     code, out, _ = run(capsys, *argv, "--help")
@@ -260,7 +262,10 @@ def test_a_missing_image_exits_2_without_a_traceback(tmp_path):
 
 def test_convert_checks_the_format_and_the_converters_flags(capsys):
     code, _, err = run(capsys, "convert", "onnx")
-    assert code == 2 and "invalid choice: 'onnx' (choose from 'llava', 'gguf', 'efficientnet-lite0')" in err
+    formats = "'llava', 'smolvlm', 'idefics3', 'paligemma', 'gguf', 'efficientnet-lite0'"
+    assert code == 2 and f"invalid choice: 'onnx' (choose from {formats})" in err
+    code, _, err = run(capsys, "convert", "smolvlm", "export", "no/such/model", "out")
+    assert code == 2 and "mmgpt convert smolvlm: error: model: no model at no/such/model" in err
     code, _, err = run(capsys, "convert", "efficientnet-lite0", "--out", "lite0.pth")
     assert code == 2 and "mmgpt convert efficientnet-lite0: error: --out lite0.pth: expected a .safetensors" in err
     code, _, err = run(capsys, "convert", "gguf", "--gguf", "model.gguf")

@@ -194,7 +194,8 @@ def test_vision_tower_and_connector_match_hf_per_tile(tmp_path, tokenizer, kind)
         # What MMGPT splices: one run of image_seq_len embeddings per tile, each tile on its own.
         spliced = model.encode_images(tiles)
         assert spliced.shape == (5, SEQ, 64)
-        torch.testing.assert_close(spliced[2:3], model.encode_images(tiles[2:3]), atol=1e-6, rtol=1e-6)
+        # Alone or in a batch of 5: CPU kernels may round differently per batch size.
+        torch.testing.assert_close(spliced[2:3], model.encode_images(tiles[2:3]), atol=1e-5, rtol=1e-5)
 
 
 def test_position_buckets_match_hf_where_they_are_not_the_identity(tmp_path, tokenizer):
@@ -617,3 +618,49 @@ def test_served_over_openai_api_answers_as_the_pipeline(tmp_path, tokenizer):
     assert body["choices"][0]["message"]["content"] == expected
     tiles = pipeline.processor(image).pixels.size(0)
     assert body["usage"]["prompt_tokens"] > tiles * pipeline.model.image_seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Several pictures in one prompt
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_several_pictures_in_one_prompt_match_hf(tmp_path, tokenizer, kind):
+    """Two pictures in one message, each with its own tiles and row/column markers (a 3x2 and a 1x3 grid): the
+    prompt ids and pixels are the HF processor's, greedy tokens HF ``generate``'s, through ``generate``,
+    ``chat`` and encoded handles alike."""
+    import mmgpt
+
+    path = save_model(tmp_path / kind, hf_config(tokenizer, kind), tokenizer)
+    pipeline, hf, processor = mmgpt.load(path), load_hf(path), hf_processor(tokenizer)
+    tok = pipeline.tokenizer
+    kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tall, small = picture(60, 90, seed=5), picture(90, 20, seed=6)
+    question = "Which one is larger?"
+    inputs = processor(text=chat(processor, 2, question), images=[[tall, small]], return_tensors="pt")
+    ids, mask, pixels = pipeline.encode([[tall, small]], [question])
+    assert torch.equal(ids, inputs.input_ids) and torch.equal(pixels, inputs.pixel_values[0])
+    grids = [(t.rows, t.cols) for t in (pipeline.processor(tall), pipeline.processor(small))]
+    assert grids == [(3, 2), (1, 3)]
+    assert torch.equal(tokenizer(expand_image_markers(chat(processor, 2, question), grids, SEQ),
+                                 return_tensors="pt").input_ids, ids)
+    theirs = hf.generate(**inputs, do_sample=False, **kwargs)[:, ids.size(1):]
+    assert len(set(theirs[0].tolist())) > 1
+    assert torch.equal(generate(pipeline.model, ids, mask, images=pixels, **kwargs), theirs)
+    expected = tok.decode(theirs[0], skip_special_tokens=True).strip()
+    assert pipeline.generate([[tall, small]], [question], max_new_tokens=10) == [expected]
+    content = [{"type": "image", "image": tall}, {"type": "image", "image": pipeline.encode_image(small)},
+               {"type": "text", "text": question}]
+    assert pipeline.chat([{"role": "user", "content": content}], max_new_tokens=10, reuse_cache=False) == expected
+
+
+def test_image_count_must_match_the_placeholders(tmp_path, tokenizer):
+    """Pictures and ``<image>`` markers (or their placeholder runs) that do not pair up are refused."""
+    path = save_model(tmp_path / "m", hf_config(tokenizer), tokenizer)
+    model, processor = import_idefics3(path), hf_processor(tokenizer)
+    with pytest.raises(ValueError, match="holds 2 <image> markers for 1 pictures"):
+        expand_image_markers(chat(processor, 2), [(0, 0)], SEQ)
+    ids = tokenizer(expand_image_markers(chat(processor, 2), [(0, 0), (0, 0)], SEQ), return_tensors="pt").input_ids
+    pixels = model.processor(picture(20, 24)).pixels[:1]  # one tile
+    with pytest.raises(ValueError, match=rf"has {2 * SEQ} <image> tokens but 1 image\(s\) x {SEQ} tokens each"):
+        model(ids, pixels)

@@ -1,6 +1,7 @@
 """HF LLaVA-OneVision <-> mmgpt: the SigLIP tower, the projector, the anyres packing and the logits against HF's own
 model (the oracle), the tiles and token counts against ``LlavaOnevisionProcessor``, greedy generation against HF's
-``generate``, and the errors for what does not fit."""
+``generate`` (also through ``mmgpt.load``, ``chat``, several pictures in one message, ``mmgpt chat`` and ``mmgpt
+serve``), mmgpt's own saved format, and the errors for what does not fit."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from mmgpt.convert.idefics3 import TIMM_SIGLIP
 from mmgpt.convert.llava_onevision import (
-    AnyresMMGPT,
     import_llava_onevision,
     is_llava_onevision_dir,
     load_llava_onevision_tokenizer,
@@ -44,6 +44,7 @@ from mmgpt.models.anyres import (
     select_best_resolution,
 )
 from mmgpt.models.hf_decoder import HFDecoder
+from mmgpt.models.mmgpt import MMGPT
 from mmgpt.prompts import IMAGE
 
 # A tiny model: SigLIP 2 layers of width 32 on 32 px tiles with 8 px patches (4x4 = 16 tokens a tile), Qwen2 2 layers
@@ -191,7 +192,7 @@ def processor_path(path) -> LlavaOnevisionProcessor:
 
 def test_vision_tower_and_projector_match_hf_per_tile(saved9):
     hf, model = load_hf(saved9), import_llava_onevision(saved9)
-    assert isinstance(model, AnyresMMGPT) and isinstance(model.decoder, HFDecoder)
+    assert type(model) is MMGPT and model.packer is not None and isinstance(model.decoder, HFDecoder)
     assert model.config.vision.name == TIMM_SIGLIP and not model.config.vision.final_norm
     tiles = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -571,3 +572,201 @@ def test_greedy_generation_matches_hf(saved):
     theirs = hf_generate(hf, batch, kwargs)
     ours = generate(model, batch.input_ids, batch.attention_mask, images=[model.processor(wide)], **kwargs)
     assert torch.equal(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Through mmgpt.load: the pipeline, chat, several pictures in one prompt, mmgpt's own format, the terminal chat
+
+# The shape of the released processors' chat template (Qwen2's ChatML, each turn's pictures first): what
+# LlavaOnevisionProcessor.apply_chat_template renders, and the pipeline with it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def saved_chat(tmp_path_factory, tokenizer):
+    """A saved model (pooling, anyres_max_2) whose processor carries the chat template, as the released ones do."""
+    path = tmp_path_factory.mktemp("chat") / "m"
+    processor = hf_processor(tokenizer, "anyres_max_2", chat_template=CHAT_TEMPLATE)
+    return save_model(path, hf_config(tokenizer, vision_aspect_ratio="anyres_max_2"), processor)
+
+
+def user(question: str, *images) -> list[dict]:
+    """One user message: its pictures (or ``{"type": "image"}`` placeholders for HF's template) and the text."""
+    parts = [{"type": "image", "image": im} if im is not None else {"type": "image"} for im in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+def test_mmgpt_load_generates_what_hf_generates(saved_chat):
+    """``mmgpt.load(hf_dir)``: the pipeline's prompt ids and pixels are the HF processor's, and its greedy tokens
+    HF ``generate``'s, for one picture and for a left-padded batch mixing pictures of different token counts with a
+    text-only prompt."""
+    import mmgpt
+
+    pipeline, hf, processor = mmgpt.load(saved_chat), load_hf(saved_chat), processor_path(saved_chat)
+    assert pipeline.anyres and type(pipeline.model) is MMGPT and pipeline.model.config.vision.anyres.max_tiles == 2
+    tok = pipeline.tokenizer
+    kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    square, small = PICTURES["square"](), PICTURES["small"]()
+    questions = ["what is in this picture, left to right?", "what is red?", "what?"]
+
+    # Batch 1.
+    ids, mask, images = pipeline.encode([square], questions[:1])
+    inputs = processor(text=processor.apply_chat_template(user(questions[0], None), add_generation_prompt=True),
+                       images=square, return_tensors="pt")
+    assert torch.equal(ids, inputs.input_ids) and torch.equal(images[0].pixels, inputs.pixel_values[0])
+    theirs = hf_generate(hf, inputs, kwargs)
+    assert len(set(theirs[0].tolist())) > 1  # not one token repeated
+    assert torch.equal(generate(pipeline.model, ids, mask, images=images, **kwargs), theirs)
+    answer = pipeline.generate(square, questions[0], max_new_tokens=10)
+    assert answer and answer == tok.decode(theirs[0], skip_special_tokens=True).strip()
+
+    # A left-padded batch: a 2x2-tile picture, no picture, a 1x1-tile one (46 and 36 tokens).
+    pictures = [square, None, small]
+    ids, mask, images = pipeline.encode(pictures, questions)
+    texts = [processor.apply_chat_template(user(q, *([None] if p else [])), add_generation_prompt=True)
+             for q, p in zip(questions, pictures, strict=True)]
+    batch = processor(text=texts, images=[square, small], padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(ids, batch.input_ids) and torch.equal(mask, batch.attention_mask)
+    counts = [int((row == processor.image_token_id).sum()) for row in ids]
+    assert counts[0] != counts[2] and counts[1] == 0
+    theirs = hf_generate(hf, batch, kwargs)
+    assert torch.equal(generate(pipeline.model, ids, mask, images=images, **kwargs), theirs)
+    expected = [t.strip() for t in tok.batch_decode(theirs, skip_special_tokens=True)]
+    assert pipeline.generate(pictures, questions, max_new_tokens=10) == expected
+
+    # chat, and a picture encoded once answers as the picture does.
+    answer = pipeline.chat(user(questions[0], square), max_new_tokens=10)
+    assert answer == expected[0]
+    assert pipeline.chat(user(questions[0], pipeline.encode_image(square)), max_new_tokens=10) == answer
+    assert pipeline.count_chat_tokens(user(questions[0], square)) == inputs.input_ids.size(1)
+
+
+def test_several_pictures_in_one_chat_message_match_hf(saved_chat):
+    """Two pictures in one message: each taken whole (one tile and a newline), the prompt ids and pixels the HF
+    processor's, greedy tokens HF ``generate``'s; a picture encoded alone (split) does not fit there."""
+    import mmgpt
+
+    pipeline, hf, processor = mmgpt.load(saved_chat), load_hf(saved_chat), processor_path(saved_chat)
+    tok = pipeline.tokenizer
+    kwargs = dict(max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tall, odd = PICTURES["tall"](), PICTURES["odd"]()
+    question = "which one is larger?"
+    text = processor.apply_chat_template(user(question, None, None), add_generation_prompt=True)
+    inputs = processor(text=text, images=[[tall, odd]], return_tensors="pt")
+    ids, mask, images = pipeline.encode([[tall, odd]], [question])
+    assert torch.equal(ids, inputs.input_ids)
+    assert [im.grid for im in images] == [(0, 0), (0, 0)]
+    assert torch.equal(torch.cat([im.pixels for im in images]), inputs.pixel_values[:, 0])
+    theirs = hf_generate(hf, inputs, kwargs)
+    assert len(set(theirs[0].tolist())) > 1
+    assert torch.equal(generate(pipeline.model, ids, mask, images=images, **kwargs), theirs)
+    expected = tok.decode(theirs[0], skip_special_tokens=True).strip()
+    assert pipeline.chat(user(question, tall, odd), max_new_tokens=10) == expected
+    assert pipeline.generate([[tall, odd]], [question], max_new_tokens=10) == [expected]
+    whole = [pipeline.encode_image(p, split=False) for p in (tall, odd)]
+    assert pipeline.chat(user(question, *whole), max_new_tokens=10) == expected
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[0\]: .*its prompt's only image .* one of several"):
+        pipeline.chat(user(question, pipeline.encode_image(tall), odd))
+    with pytest.raises(ValueError, match=r"one of several images .* encode_image\(image, split=True\)"):
+        pipeline.chat(user(question, whole[0]))
+
+
+def test_saved_in_mmgpt_format_reloads_with_equal_logits(tmp_path, saved_chat):
+    """``save_pretrained`` writes config.yaml (``vision.anyres``) and safetensors; the model reloads as itself."""
+    import mmgpt
+    from mmgpt.checkpoint import load_exported
+
+    pipeline = mmgpt.load(saved_chat)
+    pipeline.save_pretrained(tmp_path / "exported")
+    model, tokenizer = load_exported(tmp_path / "exported")
+    assert model.config == pipeline.model.config and model.packer is not None
+    assert tokenizer.chat_template == pipeline.tokenizer.chat_template
+    pictures = [PICTURES["square"](), PICTURES["wide"]()]
+    ids, mask, images = pipeline.encode([pictures[0], pictures[1]], ["what?", "what is this?"])
+    with torch.no_grad():
+        theirs = pipeline.model(ids, images)
+        assert torch.equal(model.eval()(ids, images), theirs)
+    reloaded = mmgpt.load(tmp_path / "exported")
+    assert reloaded.generate(pictures, ["what?", "what is this?"], max_new_tokens=8) == pipeline.generate(
+        pictures, ["what?", "what is this?"], max_new_tokens=8)
+
+
+def test_terminal_chat_answers_as_the_pipeline(tmp_path, saved_chat, monkeypatch, capsys):
+    """``mmgpt chat --model hf_dir``: one picture (split), then a second one in a later turn (both then whole)."""
+    import io
+
+    import mmgpt
+    from mmgpt.commands.chat import main as chat_main
+
+    pipeline = mmgpt.load(saved_chat)
+    wide, small = PICTURES["wide"](), PICTURES["small"]()
+    wide.save(tmp_path / "wide.png")
+    small.save(tmp_path / "small.png")
+    first = pipeline.chat(user("what is this?", wide), max_new_tokens=8)
+    history = [*user("what is this?", wide), {"role": "assistant", "content": first}]
+    second = pipeline.chat([*history, *user("and this?", small)], max_new_tokens=8)
+    lines = f"/image {tmp_path / 'wide.png'}\nwhat is this?\n/image {tmp_path / 'small.png'}\nand this?\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    chat_main(["--model", str(saved_chat), "--max-new-tokens", "8"])
+    assert capsys.readouterr().out.split("\n")[:2] == [first, second]
+
+
+def test_image_count_must_match_the_placeholders(saved_chat):
+    """Pictures and placeholders that do not pair up are refused, naming both counts."""
+    model = import_llava_onevision(saved_chat)
+    pictures = [model.processor(PICTURES["tall"](), split=False), model.processor(PICTURES["odd"](), split=False)]
+    text = repeat_image_markers(chat("which?", images=2), [model.num_image_tokens(p) for p in pictures])
+    ids = processor_path(saved_chat).tokenizer(text, return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=rf"has {2 * (G * G + 1)} <image> tokens but the pictures make {G * G + 1}"):
+        model(ids, pictures[:1])
+    with pytest.raises(ValueError, match="holds 2 <image> markers for 3 pictures"):
+        repeat_image_markers(chat("which?", images=2), [1, 2, 3])
+
+
+def test_served_over_openai_api_answers_as_the_pipeline(tmp_path, saved_chat):
+    """``mmgpt serve`` on a LLaVA-OneVision directory: an image request (a data URL) answers as ``Pipeline.chat``,
+    with the picture's packed placeholders counted in ``usage``."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    import mmgpt
+    from mmgpt.serve.app import create_app
+
+    pipeline, image = mmgpt.load(saved_chat), PICTURES["tall"]()
+    image.save(tmp_path / "p.png")
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "p.png").read_bytes()).decode()
+    question = "what is in this picture?"
+    expected = pipeline.chat(user(question, image), max_new_tokens=8)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    with TestClient(create_app(mmgpt.load(saved_chat), "onevision")) as client:
+        reply = client.post("/v1/chat/completions", json={
+            "model": "onevision", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": 8,
+        })
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["usage"]["prompt_tokens"] == pipeline.count_chat_tokens(user(question, image))
+    assert body["usage"]["prompt_tokens"] > pipeline.model.num_image_tokens(pipeline.processor(image))
+
+
+def test_anyres_config_errors_name_the_field():
+    from mmgpt.config import VisionConfig
+
+    with pytest.raises(ValueError, match=r"vision.anyres: unknown field\(s\) \['tiles'\]"):
+        VisionConfig(anyres={"grid_pinpoints": PINPOINTS, "tiles": 4})
+    with pytest.raises(ValueError, match="vision.tiling and vision.anyres .* set one of them"):
+        VisionConfig(anyres={"grid_pinpoints": PINPOINTS}, tiling={"longest_edge": 96})
+    with pytest.raises(ValueError, match=r"vision.anyres.max_tiles=0 must be a positive int"):
+        VisionConfig(anyres={"grid_pinpoints": PINPOINTS, "max_tiles": 0})
