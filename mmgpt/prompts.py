@@ -217,6 +217,7 @@ def _encode_cached(
     if image_texts is not None and text.count(IMAGE) != sum(t.count(IMAGE) for t in image_texts):
         raise ValueError(f"the conversation's {IMAGE} markers do not match its {len(image_texts)} images")
     char_spans = []  # [start, end) characters of each assistant turn in `text`
+    spliced, done = "", ""  # the text built turn by turn, and the template's rendering of the turns in it
     for i, m in enumerate(expanded):
         if m["role"] != "assistant" or not locate_turns:
             continue
@@ -224,12 +225,25 @@ def _encode_cached(
         # The last turn, without a generation prompt after it, ends the text already rendered: no third render.
         last = i == len(expanded) - 1 and not add_generation_prompt
         through = text if last else render(expanded[: i + 1], False)
-        if not (through.startswith(before) and text.startswith(through)):
+        answer = through[len(before):] if through.startswith(before) else _after_generation_prompt(
+            render, expanded, i, before, through
+        )
+        if answer is None or not before.startswith(done):
             raise ValueError(
                 "the tokenizer's chat template renders a conversation differently from its own beginning "
                 f"(turn {i}), so the assistant turns cannot be located; use a prefix-consistent template"
             )
-        char_spans.append((len(before), len(through)))
+        spliced += before[len(done):]
+        char_spans.append((len(spliced), len(spliced) + len(answer)))
+        spliced, done = spliced + answer, through
+    if char_spans:
+        if not text.startswith(done):
+            raise ValueError(
+                "the tokenizer's chat template renders a conversation differently from its own beginning, so the "
+                "assistant turns cannot be located; use a prefix-consistent template"
+            )
+        # Equal to `text` for a prefix-consistent template; otherwise each answer follows the generation prompt.
+        text = spliced + text[len(done):]
     # The fast tokenizer's backend directly: the same ids and offsets at half the cost of the Python wrapper, which
     # matters because the training collator calls this for every sample.
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
@@ -244,6 +258,22 @@ def _encode_cached(
             supervised[i] = True
         turns.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
     return tuple(ids), tuple(supervised), tuple(turns)
+
+
+def _after_generation_prompt(render, messages: list[dict], i: int, before: str, through: str) -> str | None:
+    """Assistant turn ``i`` as the text that follows the generation prompt, for a template whose turns begin unlike
+    its generation prompt by whitespace alone (LLaVA-OneVision's writes ``<|im_start|>assistant \n`` + text before
+    a turn's text, and ``<|im_start|>assistant\n`` as the prompt to answer): the turn without its header and the
+    whitespace after it, so that training answers in the context generation does. None for any other difference."""
+    history = render(messages[:i], False)
+    if not (before.startswith(history) and through.startswith(history)):
+        return None
+    prompt, turn = before[len(history):], through[len(history):]
+    header = prompt.rstrip()
+    rest = turn[len(header):]
+    if not header or not turn.startswith(header) or not rest[:1].isspace():
+        return None
+    return rest.lstrip()
 
 
 @functools.lru_cache(maxsize=16)

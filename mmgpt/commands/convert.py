@@ -3,6 +3,7 @@
     mmgpt convert llava import llava_dir my_model      # HF LLaVA directory <-> mmgpt model
     mmgpt convert smolvlm export last.ckpt smolvlm_out  # a (fine-tuned) model -> HF SmolVLM directory
     mmgpt convert paligemma export last.ckpt pg_out     # a (fine-tuned) model -> HF PaliGemma directory
+    mmgpt convert llava-onevision export last.ckpt ov   # a (fine-tuned) model -> HF LLaVA-OneVision directory
     mmgpt convert gguf                                  # SmolLM2-135M-Instruct GGUF -> a verified HF directory
     mmgpt convert efficientnet-lite0                    # EfficientNet-Lite0 ImageNet weights -> a timm checkpoint
 
@@ -102,7 +103,7 @@ def llava(argv: Sequence[str] | None = None, prog: str = "mmgpt convert llava") 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# smolvlm, idefics3, paligemma
+# smolvlm, idefics3, paligemma, llava-onevision
 
 HF_VLM_DOC = """Convert between a HF transformers {title} directory ({cls}) and an mmgpt model.
 
@@ -121,6 +122,7 @@ HF_VLMS: dict[str, tuple[str, str, str, dict]] = {
     "smolvlm": ("SmolVLM", "SmolVLMForConditionalGeneration", "idefics3", {"model_type": "smolvlm"}),
     "idefics3": ("Idefics3", "Idefics3ForConditionalGeneration", "idefics3", {"model_type": "idefics3"}),
     "paligemma": ("PaliGemma", "PaliGemmaForConditionalGeneration", "paligemma", {}),
+    "llava-onevision": ("LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", "llava_onevision", {}),
 }
 
 
@@ -292,6 +294,9 @@ CONVERTERS: dict[str, tuple[Callable[..., None], str]] = {
     "smolvlm": (_hf_vlm_converter("smolvlm"), "HF SmolVLM directory <-> mmgpt model (export | import)"),
     "idefics3": (_hf_vlm_converter("idefics3"), "HF Idefics3 directory <-> mmgpt model (export | import)"),
     "paligemma": (_hf_vlm_converter("paligemma"), "HF PaliGemma directory <-> mmgpt model (export | import)"),
+    "llava-onevision": (
+        _hf_vlm_converter("llava-onevision"), "HF LLaVA-OneVision directory <-> mmgpt model (export | import)"
+    ),
     "gguf": (gguf, "GGUF checkpoint (default: SmolLM2) -> a verified HF directory"),
     "efficientnet-lite0": (efficientnet_lite0, "EfficientNet-Lite0 weights (pip package) -> timm checkpoint"),
 }

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("mmgpt.commands.serve", "serve a model over HTTP, with a web page"),
     "evaluate": ("mmgpt.commands.evaluate", "score a model on a data split: metrics table and JSON line"),
     "export": ("mmgpt.commands.export", "a training checkpoint -> a self-contained model directory"),
-    "convert": ("mmgpt.commands.convert", "to/from HF VLMs (llava, smolvlm, paligemma), gguf, efficientnet"),
+    "convert": ("mmgpt.commands.convert", "to/from HF VLMs (llava, smolvlm, paligemma, onevision), gguf"),
 }
 
 

@@ -35,11 +35,18 @@ Not supported (named by ``mmgpt_config_from_llava_onevision``): several vision f
 model other than Qwen2, ``vision_aspect_ratio`` other than ``anyres_max_N``. Videos are not read (mmgpt has no video
 input); a checkpoint's video token is simply an unused word.
 
+Export (``export_llava_onevision``, ``mmgpt convert llava-onevision export``) writes such a model, fine-tuned or not,
+back as a HF directory with the same logits: the vision tower as the blocks mmgpt kept, read at its last one
+(``vision_feature_layer=-1``, which computes what an earlier layer of the original did), an identity
+``post_layernorm`` (HF builds one; LLaVA-OneVision never reads it), and a ``LlavaOnevisionProcessor`` that tiles,
+counts and renders prompts as ``model.processor`` and the tokenizer do.
+
 Only safetensors are read: a ``.bin`` checkpoint is a pickle that can run code. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -47,14 +54,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from mmgpt.config import AnyresConfig, DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig
 from mmgpt.convert.hf_causal_lm import names_model
 from mmgpt.convert.idefics3 import TIMM_SIGLIP, TIMM_SIGLIP_LN_EPS, _saved_chat_template, _saved_processor
 from mmgpt.convert.llava import _feature_layer_from_hf, _read_safetensors
-from mmgpt.convert.vit_weights import HF_ACT_TO_TIMM, ViTLayout, timm_mlp_ratio, vit_from_hf
+from mmgpt.convert.vit_weights import (
+    HF_ACT_TO_TIMM,
+    ViTLayout,
+    timm_act_to_hf,
+    timm_mlp_ratio,
+    vit_from_hf,
+    vit_to_hf,
+)
+from mmgpt.finite_weights import check_finite
 from mmgpt.models.anyres import AnyresImageProcessor
+from mmgpt.models.image_tiling import RESAMPLE_NAMES
 from mmgpt.models.mmgpt import MMGPT
+from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import load_vlm_tokenizer
 
 ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
@@ -432,8 +450,200 @@ def load_llava_onevision_tokenizer(hf_dir: str | Path, image_token_id: int | Non
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+# transformers' name for the video placeholder; a tokenizer without it gets the config's default id (never in a
+# prompt mmgpt writes, since mmgpt reads no videos).
+VIDEO = "<video>"
+
+
+def _export_problems(model: MMGPT) -> list[str]:
+    """What in ``model`` a LLaVA-OneVision model cannot express (empty: it can)."""
+    vision, projector, decoder = model.config.vision, model.config.projector, model.config.decoder
+    problems = []
+    if vision.name != TIMM_SIGLIP:
+        problems.append(f"vision.name={vision.name!r} (expected {TIMM_SIGLIP!r}, the SigLIP tower)")
+    if vision.final_norm:
+        problems.append(
+            "vision.final_norm=true (expected false: LLaVA-OneVision reads a hidden state, before the post-LayerNorm)"
+        )
+    if vision.anyres is None:
+        problems.append("vision.anyres is not set (LLaVA-OneVision lays pictures out on tiles: expected its fields)")
+    n_embd = decoder.n_embd if decoder.hf_config is None else decoder.hf_config.get("hidden_size")
+    if (projector.pixel_shuffle != 1 or projector.mlp_depth != 2 or projector.hidden_dim not in (None, n_embd)
+            or projector.input_norm or projector.pos_embed or projector.whiten):
+        problems.append(
+            "projector: expected LLaVA's Linear-GELU-Linear at the LM's width and nothing else (pixel_shuffle=1, "
+            f"mlp_depth=2, hidden_dim={n_embd}; input_norm, pos_embed and whiten false), got pixel_shuffle="
+            f"{projector.pixel_shuffle}, mlp_depth={projector.mlp_depth}, hidden_dim={projector.hidden_dim}, "
+            f"input_norm={projector.input_norm}, pos_embed={projector.pos_embed}, whiten={projector.whiten}"
+        )
+    text_type = (decoder.hf_config or {}).get("model_type")
+    if decoder.backend != "hf" or text_type not in TEXT_MODEL_TYPES:
+        problems.append(
+            f"decoder.backend={decoder.backend!r} with hf_config.model_type={text_type!r} (expected 'hf' and one of "
+            f"{list(TEXT_MODEL_TYPES)}: transformers' Qwen2)"
+        )
+    if decoder.attention != "causal" or decoder.position_offset != 0:
+        problems.append(
+            f"decoder.attention={decoder.attention!r}, position_offset={decoder.position_offset} (expected 'causal' "
+            f"and 0, as Qwen2)"
+        )
+    if not problems and timm_act_to_hf(model.vision.model.blocks[0].mlp.act) is None:
+        problems.append(f"the vision MLP's activation {model.vision.model.blocks[0].mlp.act} has no HF name")
+    return problems
+
+
+def _check_exportable(model: MMGPT) -> None:
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError("this model does not fit LLaVA-OneVision's architecture: " + "; ".join(problems))
+
+
+def llava_onevision_config_from_mmgpt(model: MMGPT, tokenizer=None):
+    """The ``transformers.LlavaOnevisionConfig`` of an mmgpt model of this architecture.
+
+    Args:
+        model: an ``MMGPT`` as ``import_llava_onevision`` builds it (fine-tuned or not).
+        tokenizer: its tokenizer; its ``<video>`` id becomes the config's video token (transformers' default
+            without one).
+
+    Raises:
+        ValueError: naming every part of the model that LLaVA-OneVision's architecture cannot express.
+    """
+    from transformers import LlavaOnevisionConfig
+
+    _check_exportable(model)
+    vit, decoder, anyres = model.vision.model, model.config.decoder, model.config.vision.anyres
+    block = vit.blocks[0]
+    text = dict(decoder.hf_config)
+    text.pop("dtype", None)  # import cleared it; the top-level dtype below says what was saved
+    text["tie_word_embeddings"] = decoder.tie_embeddings
+    vision_config = dict(
+        model_type="siglip_vision_model", hidden_size=vit.embed_dim, intermediate_size=block.mlp.fc1.out_features,
+        # The blocks the tower kept, up to the feature layer: read at the last one, they compute what it did.
+        num_hidden_layers=len(vit.blocks), num_attention_heads=block.attn.num_heads, num_channels=3,
+        image_size=model.config.vision.img_size, patch_size=vit.patch_embed.patch_size[0],
+        hidden_act=timm_act_to_hf(block.mlp.act), layer_norm_eps=TIMM_SIGLIP_LN_EPS, vision_use_head=False,
+    )
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    extra = {"video_token_index": vocab[VIDEO]} if VIDEO in vocab else {}
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config, text_config=text, image_token_index=model.config.image_token_id,
+        image_grid_pinpoints=[list(p) for p in anyres.grid_pinpoints],
+        vision_aspect_ratio=f"anyres_max_{anyres.max_tiles}",
+        vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
+        multimodal_projector_bias=model.config.projector.bias, tie_word_embeddings=decoder.tie_embeddings, **extra,
+    )
+    config.dtype = model.decoder.wte.weight.dtype  # from_pretrained(dtype="auto") then loads what was saved
+    return config
+
+
+def llava_onevision_hf_state_dict(model: MMGPT) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` under ``LlavaOnevisionForConditionalGeneration``'s keys
+    (``model.{vision_tower,multi_modal_projector,language_model}.*``, ``model.image_newline`` and an untied
+    ``lm_head``); the inverse of ``llava_onevision_state_dict``.
+
+    Raises:
+        ValueError: the model does not fit the architecture, or holds a tensor it has no place for.
+    """
+    _check_exportable(model)
+    sd = model.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+    vision, left = vit_to_hf(part("vision.model."), len(model.vision.model.blocks))
+    if left:
+        raise ValueError(f"the vision tower has tensors SigLIP has no place for: {sorted(left)}")
+    # HF's tower always has a post-LayerNorm, which LLaVA-OneVision does not read (import dropped it): identity.
+    width = vision["embeddings.patch_embedding.weight"].size(0)
+    dtype = vision["embeddings.patch_embedding.weight"].dtype
+    vision["post_layernorm.weight"] = torch.ones(width, dtype=dtype)
+    vision["post_layernorm.bias"] = torch.zeros(width, dtype=dtype)
+    out = {"model.vision_tower." + k: v for k, v in vision.items()}
+    names = ("weight", "bias") if model.config.projector.bias else ("weight",)
+    for x in names:
+        out[f"model.multi_modal_projector.linear_1.{x}"] = sd[f"projector.mlp.0.{x}"]
+        out[f"model.multi_modal_projector.linear_2.{x}"] = sd[f"projector.mlp.2.{x}"]
+    out["model.image_newline"] = sd["packer.image_newline"]
+    for k, v in part("decoder.model.").items():  # Qwen2ForCausalLM's keys: model.*, lm_head.weight
+        if k == "lm_head.weight":
+            if not model.config.decoder.tie_embeddings:  # tied, it is the embedding matrix, saved once
+                out[k] = v
+        elif k.startswith("model."):
+            out["model.language_model." + k[len("model."):]] = v
+        elif not _UNUSED_LANGUAGE.match(k):
+            raise ValueError(f"the decoder has a tensor LLaVA-OneVision has no place for: decoder.model.{k}")
+    # Cloned: the q/k/v pieces are views into timm's fused tensor, which safetensors refuses to save.
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _hf_processor(model: MMGPT, tokenizer):
+    """The ``LlavaOnevisionProcessor`` that tiles pictures and counts their tokens as ``model.processor`` does, with
+    ``tokenizer`` and its chat template."""
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    anyres = model.processor
+    size = {"height": anyres.tile_size, "width": anyres.tile_size}
+    resample = {name: code for code, name in RESAMPLE_NAMES.items()}[anyres.resample]
+    image_cls = LlavaOnevisionImageProcessorPil if anyres.backend == "pil" else LlavaOnevisionImageProcessor
+    image_processor = image_cls(
+        size=size, image_grid_pinpoints=anyres.grid_pinpoints, image_mean=list(anyres.mean),
+        image_std=list(anyres.std), rescale_factor=anyres.rescale_factor, resample=resample,
+    )
+    # mmgpt reads no videos; the processor class needs one, at the tower's size and normalization.
+    video_processor = LlavaOnevisionVideoProcessor(
+        size=size, image_mean=list(anyres.mean), image_std=list(anyres.std), resample=resample,
+    )
+    g = model.packer.layout.patch_grid
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=g * g, vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{model.packer.layout.max_tiles}", chat_template=tokenizer.chat_template,
+        image_token=IMAGE,
+    )
+
+
+def export_llava_onevision(model: MMGPT, tokenizer, out_dir: str | Path) -> None:
+    """Write ``model`` as a HF directory that ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (and
+    ``AutoModelForImageTextToText``) loads with the same logits: ``config.json``, ``model.safetensors``, the tokenizer
+    and a ``LlavaOnevisionProcessor`` (its chat template included) that makes the pixels and prompts mmgpt makes.
+    ``import_llava_onevision`` (``mmgpt.load``) reads it back.
+
+    Args:
+        model: an ``MMGPT`` of LLaVA-OneVision's architecture (``import_llava_onevision``'s, possibly fine-tuned, with
+            LoRA adapters merged).
+        tokenizer: its tokenizer (``load_llava_onevision_tokenizer``'s, or the one a training checkpoint carries).
+        out_dir: the directory to write (created if missing).
+
+    Raises:
+        ValueError: naming every part of the model LLaVA-OneVision's architecture cannot express, or a tokenizer
+            whose ``<image>`` is not the model's image token.
+    """
+    config = llava_onevision_config_from_mmgpt(model, tokenizer)
+    tensors = llava_onevision_hf_state_dict(model)
+    check_finite(tensors, f"cannot export to {out_dir}")
+    image_id = tokenizer.get_vocab().get(IMAGE)
+    if image_id != model.config.image_token_id:
+        raise ValueError(
+            f"the tokenizer's {IMAGE} is id {image_id}, but the model's image token is {model.config.image_token_id}: "
+            f"export the tokenizer the model was trained with"
+        )
+    processor = _hf_processor(model, copy.deepcopy(tokenizer))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(str(out_dir))  # the tokenizer's files and the chat template too
+
+
 __all__ = [
     "import_llava_onevision", "load_llava_onevision_tokenizer", "mmgpt_config_from_llava_onevision",
     "read_llava_onevision_config", "llava_onevision_state_dict", "is_llava_onevision_dir", "max_tiles_from_hf",
+    "export_llava_onevision", "llava_onevision_config_from_mmgpt", "llava_onevision_hf_state_dict",
     "ARCHITECTURES", "MODEL_TYPE",
 ]

@@ -9,9 +9,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from mmgpt.data.sample import Sample
+from mmgpt.models.anyres import AnyresImage, AnyresImageProcessor
 from mmgpt.models.image_processor import ImageProcessor
 from mmgpt.models.image_tiling import TiledImage, TilingImageProcessor, image_prompt
-from mmgpt.prompts import encode_conversation
+from mmgpt.prompts import IMAGE, encode_conversation
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: image, prompt and padding positions
 
@@ -31,6 +32,11 @@ class Collator:
     tiles and the global view) and its ``<image>`` marker the text the HF processor writes for them
     (``image_tiling.image_prompt``), so a batch holds as many images as its pictures have tiles.
 
+    An anyres processor (``AnyresImageProcessor``, LLaVA-OneVision's) makes a picture an ``AnyresImage``, its prompt's
+    only picture and so cut into tiles, and its ``<image>`` marker as many placeholders as the model packs it into
+    (``AnyresImageProcessor.num_tokens``, ``LlavaOnevisionProcessor``'s count); ``batch["images"]`` is then an
+    ``AnyresImages`` list, which the model takes as it is.
+
     With ``pack=True`` (training only) the samples are packed into as few rows of at most ``max_length`` tokens
     as fit (first-fit by decreasing length) instead of one row each: no slot is spent on padding between a long
     caption and a one-word answer, and tasks stay mixed in every batch. The batch then also carries
@@ -40,8 +46,10 @@ class Collator:
 
     Args:
         tokenizer: the model's tokenizer.
-        processor: turns each image into a ``(3, H, W)`` tensor, or (tiling) into a ``TiledImage``.
-        image_seq_len: ``<image>`` placeholders per image (the model's ``image_seq_len``).
+        processor: turns each image into a ``(3, H, W)`` tensor, or (tiling) into a ``TiledImage``, or (anyres, the
+            model's own processor) into an ``AnyresImage``.
+        image_seq_len: ``<image>`` placeholders per image (``image_seq_len_for(model)``: the model's
+            ``image_seq_len``, or 0 for an anyres model, whose processor counts each picture's).
         max_length: longest row in tokens; longer rows are truncated on the right.
         mode: ``"train"`` or ``"generate"``.
         pack: pack several samples per row (``"train"`` mode only).
@@ -50,7 +58,7 @@ class Collator:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerFast,
-        processor: ImageProcessor | TilingImageProcessor,
+        processor: ImageProcessor | TilingImageProcessor | AnyresImageProcessor,
         image_seq_len: int,
         max_length: int = 256,
         mode: Literal["train", "generate"] = "train",
@@ -62,18 +70,24 @@ class Collator:
         self.image_seq_len, self.max_length, self.mode, self.pack = image_seq_len, max_length, mode, pack
         self.pad_id = tokenizer.pad_token_id
 
-    def _pixels(self, s: Sample) -> tuple[torch.Tensor | None, list[str] | None]:
-        """The sample's images ``(n, 3, H, W)`` (None without a picture), and, for a tiling processor, the text its
-        ``<image>`` marker becomes (None: ``image_seq_len`` placeholders)."""
+    def _pixels(self, s: Sample) -> tuple[torch.Tensor | AnyresImages | None, list[str] | None]:
+        """The sample's images ``(n, 3, H, W)`` (an anyres processor: its one ``AnyresImage`` in a list; None without
+        a picture), and, for a tiling or anyres processor, the text its ``<image>`` marker becomes (None:
+        ``image_seq_len`` placeholders)."""
         if s.image is None:
             return None, None
         out = self.processor(s.image)
         if isinstance(out, TiledImage):
             return out.pixels, [image_prompt(out.rows, out.cols, self.image_seq_len)]
+        if isinstance(out, AnyresImage):
+            # A sample has one picture, so it is split into tiles (LlavaOnevisionProcessor splits a prompt's only
+            # picture), and takes as many placeholders as its size makes.
+            return AnyresImages([out]), [IMAGE * self.processor.num_tokens(out)]
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"sample {s.id!r}: the model's image processor gives a {type(out).__name__}; training and evaluation "
-                f"batches take one (3, H, W) image per picture, or Idefics3/SmolVLM tiles (a TiledImage)"
+                f"batches take one (3, H, W) image per picture, Idefics3/SmolVLM tiles (a TiledImage), or "
+                f"LLaVA-OneVision's tiles (an AnyresImage)"
             )
         return out[None], None
 
@@ -123,12 +137,11 @@ class Collator:
         # Training pads on the right (causal attention never looks ahead into it); generation on the left.
         side = "right" if self.mode == "train" else "left"
         input_ids, attention_mask = pad_rows([ids for ids, _ in rows], self.pad_id, side)
-        pixels = [p for p in pixels if p is not None]
         batch = {
             "input_ids": input_ids,  # (B, T)
             "attention_mask": attention_mask,  # (B, T)
-            # (N, 3, H, W): one per image (per tile with tiling), in row order
-            "images": torch.cat(pixels) if pixels else None,
+            # (N, 3, H, W): one per image (per tile with tiling), in row order; anyres: an AnyresImages list
+            "images": _join_images([p for p in pixels if p is not None]),
             "ids": [s.id for s in samples],
             "tasks": [s.task for s in samples],
         }
@@ -145,7 +158,7 @@ class Collator:
 
     def _packed(
         self, samples: Sequence[Sample], rows: list[tuple[list[int], list[int]]],
-        sample_pixels: list[torch.Tensor | None],
+        sample_pixels: list[torch.Tensor | AnyresImages | None],
     ) -> dict:
         # First-fit decreasing: long captions open rows, short answers fill their tails. Deterministic.
         bins: list[list[int]] = []  # sample indices per packed row, in slot order
@@ -161,7 +174,8 @@ class Collator:
             room[r] -= n
         T = max(self.max_length - free for free in room)
         # Rows are built as Python lists and become tensors once: per-sample tensor copies cost more than the rest.
-        input_ids, labels, position_ids, segment_ids, pixels = [], [], [], [], []  # pixels: (n, 3, H, W) each
+        # pixels: (n, 3, H, W) each, or an AnyresImages list of one
+        input_ids, labels, position_ids, segment_ids, pixels = [], [], [], [], []
         for members in bins:
             ids_row, lab_row, pos_row, seg_row = [], [], [], []
             for i in members:
@@ -186,11 +200,35 @@ class Collator:
             "labels": torch.tensor(labels),  # (R, T)
             "position_ids": torch.tensor(position_ids),  # (R, T): restarts at 0 for every sample
             "segment_ids": segment_ids,  # (R, T): index of the sample in ``ids``, -1 at padding
-            "images": torch.cat(pixels) if pixels else None,  # (N, 3, H, W) in slot order
+            "images": _join_images(pixels),  # (N, 3, H, W) in slot order; anyres: an AnyresImages list
             "ids": [s.id for s in samples],
             "tasks": [s.task for s in samples],
             "prefix_lengths": _prefix_lengths(rows),  # (len(samples),) in sample order
         }
+
+
+class AnyresImages(list):
+    """A batch's pictures for an anyres model (LLaVA-OneVision): ``AnyresImage``s in the order their placeholders
+    appear, which ``MMGPT`` takes as its ``images``. A list with a ``to``, so that it moves to a device as a batch's
+    tensors do (Lightning moves every value that has one; evaluation calls it)."""
+
+    def to(self, *args, **kwargs) -> AnyresImages:
+        return AnyresImages(image.to(*args, **kwargs) for image in self)
+
+
+def _join_images(pixels: list) -> torch.Tensor | AnyresImages | None:
+    """The samples' images as one batch value: ``(N, 3, H, W)`` in order, an ``AnyresImages`` list, or None."""
+    if not pixels:
+        return None
+    if isinstance(pixels[0], AnyresImages):
+        return AnyresImages(image for images in pixels for image in images)
+    return torch.cat(pixels)
+
+
+def image_seq_len_for(model) -> int:
+    """The ``image_seq_len`` a ``Collator`` for ``model`` takes: the model's, or 0 for an anyres model (vision.anyres,
+    LLaVA-OneVision), which has no one count: its processor counts each picture's placeholders."""
+    return 0 if isinstance(model.processor, AnyresImageProcessor) else model.image_seq_len
 
 
 def _prefix_lengths(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:

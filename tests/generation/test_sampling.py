@@ -26,6 +26,16 @@ def test_greedy_is_argmax(logits):
     assert torch.equal(sample(logits), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_breaks_ties_and_nans_as_argmax(dtype):
+    """Greedy takes the first maximum, and a NaN, where argmax does (it uses max(dim), which is faster on a CPU)."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, 3.0, 3.0, 0.0], [nan, 1.0, 5.0, 5.0], [2.0, nan, 9.0, nan], [-inf] * 4], dtype=dtype)
+    ties = torch.randint(0, 3, (8, 49152), generator=torch.Generator().manual_seed(0)).to(dtype)
+    for x in (rows, ties):
+        assert torch.equal(sample(x), x.argmax(-1))
+
+
 def test_top_k_1_and_tiny_top_p_are_argmax(logits):
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)

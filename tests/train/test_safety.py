@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, cli, tiny_data, train_script
 from test_checkpoint import evil_checkpoint, serve
 
-from mmgpt.checkpoint import nonfinite_tensors
+from mmgpt.finite_weights import nonfinite_tensors
 from mmgpt.train.callbacks import PeriodicCheckpoint
 from mmgpt.train.module import MMGPTModule
 
